@@ -1,0 +1,122 @@
+"""Rank correlation between a measure and the generalization gap (METHOD.md §4).
+
+`kendall_tau` is the paper's pairwise-sign form (Jiang et al. 2019, eq. 2):
+
+    tau = 1 / (n (n - 1)) * sum over ordered pairs i != j of sign(x_i - x_j) sign(y_i - y_j)
+
+ties count 0, so unlike scipy's tau-b it is not rescaled for ties (`kendall_tau_b` gives
+scipy's value beside it). `granulated_kendall` is Jiang et al.'s granulated coefficient:
+for each hyperparameter axis i, psi_i is the mean tau over the groups of models that share
+every other axis value (they differ only in axis i), and Psi is the mean of the psi_i.
+A group with fewer than 2 models, or in which the measure or the gap is constant, has no
+defined tau; it is dropped and counted (`AxisKendall.dropped`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from scipy import stats
+
+# Rows of the pairwise sign matrix computed at once: bounds memory at CHUNK * n floats.
+CHUNK = 1024
+
+
+def kendall_tau(x: ArrayLike, y: ArrayLike) -> float:
+    """The pairwise-sign Kendall tau of two equally long sequences; NaN for fewer than 2
+    values or when any value is NaN (drop missing rows first)."""
+    x = np.asarray(x, dtype=float).ravel()
+    y = np.asarray(y, dtype=float).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"kendall_tau needs equal lengths, got {x.size} and {y.size}")
+    n = x.size
+    if n < 2:
+        return math.nan
+    total = 0.0
+    for start in range(0, n, CHUNK):
+        sx = np.sign(x[start : start + CHUNK, None] - x[None, :])
+        sy = np.sign(y[start : start + CHUNK, None] - y[None, :])
+        total += float(np.sum(sx * sy))  # the diagonal i == j adds sign(0) = 0
+    return total / (n * (n - 1))
+
+
+def kendall_tau_b(x: ArrayLike, y: ArrayLike) -> float:
+    """scipy's tau-b (tie-corrected); NaN where it is undefined."""
+    x = np.asarray(x, dtype=float).ravel()
+    y = np.asarray(y, dtype=float).ravel()
+    if x.size < 2:
+        return math.nan
+    return float(stats.kendalltau(x, y, variant="b").statistic)
+
+
+@dataclass(frozen=True)
+class AxisKendall:
+    """psi_i of one axis: the mean tau over `groups` groups; `dropped` groups had none."""
+
+    psi: float
+    groups: int
+    dropped: int
+
+
+def _has_tau(group: pd.DataFrame, measure: str, gap: str) -> bool:
+    return len(group) >= 2 and group[measure].nunique() > 1 and group[gap].nunique() > 1
+
+
+def granulated_kendall_by_axis(
+    df: pd.DataFrame, measure: str, gap: str, hparams: list[str]
+) -> dict[str, AxisKendall]:
+    """psi_i with its group counts for every axis in `hparams`. Rows where the measure or
+    the gap is missing are left out before grouping."""
+    data = df.dropna(subset=[measure, gap])
+    result: dict[str, AxisKendall] = {}
+    for axis in hparams:
+        others = [h for h in hparams if h != axis]
+        if others:
+            groups = [g for _, g in data.groupby(others, dropna=False)]
+        else:
+            groups = [data] if len(data) else []
+        taus = [kendall_tau(g[measure], g[gap]) for g in groups if _has_tau(g, measure, gap)]
+        psi = float(np.mean(taus)) if taus else math.nan
+        result[axis] = AxisKendall(psi=psi, groups=len(taus), dropped=len(groups) - len(taus))
+    return result
+
+
+def granulated_kendall(
+    df: pd.DataFrame, measure: str, gap: str, hparams: list[str]
+) -> tuple[dict[str, float], float]:
+    """(psi, Psi): psi_i per hyperparameter axis and their mean Psi (Jiang et al. 2019).
+    Psi averages the axes whose psi_i is defined; NaN when none is."""
+    by_axis = granulated_kendall_by_axis(df, measure, gap, hparams)
+    psi = {axis: r.psi for axis, r in by_axis.items()}
+    defined = [v for v in psi.values() if not math.isnan(v)]
+    return psi, (float(np.mean(defined)) if defined else math.nan)
+
+
+def conditional_levels(models: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Replace an axis whose values depend on another axis by its level within that axis.
+
+    In the NiN grid the learning rates depend on the optimizer (SGD {0.1, 0.05, 0.01},
+    Adam/RMSProp {1e-3, 5e-4, 1e-4}): models "differing only in the optimizer" never share
+    an exact learning rate, so psi_optimizer would have no groups. Our choice: an axis A is
+    conditional on an axis B when the sets of A values differ between B values but each
+    holds the same number (>= 2) of values; A is then replaced by its rank (1 = smallest)
+    within B, so the groups pair SGD 0.1 with Adam 1e-3. Returns the frame and one note per
+    replaced axis."""
+    out = models.copy()
+    notes: list[str] = []
+    for a in axes:
+        for b in axes:
+            if a == b:
+                continue
+            value_sets = models.groupby(b, dropna=False)[a].agg(lambda s: frozenset(s.dropna()))
+            sizes = {len(v) for v in value_sets}
+            if len(value_sets) >= 2 and len(set(value_sets)) > 1 and len(sizes) == 1:
+                if min(sizes) >= 2:
+                    out[a] = models.groupby(b, dropna=False)[a].rank(method="dense")
+                    notes.append(f"{a} depends on {b}: grouped by its level within {b}")
+                    break
+    return out, notes

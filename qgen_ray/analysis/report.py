@@ -1,0 +1,201 @@
+"""`write_report(study_dir)`: the study's tables and figures as <study>/report/report.md,
+report.html (self-contained; PNGs beside it, linked by relative path) and the PNG figures.
+
+Whatever is missing (no measures yet, no corruptions, no landscapes) is stated in the
+report instead of failing; only a folder without trials.parquet is an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from qgen_ray import schema
+from qgen_ray.analysis import figures
+from qgen_ray.analysis.render import (
+    Block,
+    Bullets,
+    Heading,
+    Image,
+    Paragraph,
+    Table,
+    format_cell,
+    to_html,
+    to_markdown,
+)
+from qgen_ray.analysis.study import OPTIONAL_TABLES, POPULATION_KEYS, Study, load_study
+from qgen_ray.analysis.tables import GAPS, tables_for
+
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+# What each absent follow-up table leaves out of the report, and how to produce it.
+MISSING = {
+    "measures": "no measures yet: Tables 2-3 and the correlation tables are left out "
+    "(run the measures job)",
+    "corruptions": "no corruptions: Tables 4-6 are left out (run the corruption job)",
+    "landscapes": "no landscapes: Figure 2 is left out (run the landscape job)",
+    "steps": "no learned step sizes: Figure 1 is left out",
+    "history": "no training history: the training curves are left out",
+}
+
+
+def _missing(study: Study) -> list[str]:
+    items = list(study.notes)
+    for name, why in MISSING.items():
+        table = getattr(study, name)
+        if table is None or not len(table):
+            items.append(f"{why} ({OPTIONAL_TABLES[name]} absent or empty)")
+    if not len(study.ok):
+        items.append("no model has status ok yet: every table below is empty")
+    return items
+
+
+def _header(study: Study) -> list[Block]:
+    meta = study.meta
+    facts = [f"study folder: {study.path}", f"axes: {', '.join(study.axes) or 'none'}"]
+    facts += [f"{k}: {meta[k]}" for k in ("dataset", "model", "created_at") if k in meta]
+    blocks: list[Block] = [Heading(f"QGen report: {study.name}", 1), Bullets(facts)]
+    provenance = meta.get("provenance") or {}
+    if provenance:
+        blocks += [Heading("Provenance", 3), Bullets([f"{k}: {v}" for k, v in provenance.items()])]
+    return blocks
+
+
+def _table3_display(table3: pd.DataFrame) -> pd.DataFrame:
+    """Measures as rows, precisions as columns, cells "mean ± std"."""
+    keys = [*POPULATION_KEYS, "measure"]
+    cells = table3.assign(
+        cell=[f"{format_cell(m)} ± {format_cell(s)}" for m, s in zip(table3["mean"], table3["std"])]
+    )
+    wide = cells.pivot(index=keys, columns="precision", values="cell")
+    wide.columns = [str(c) for c in wide.columns]
+    unconverged = table3.groupby(keys)["unconverged"].sum().rename("unconverged searches")
+    return wide.join(unconverged).reset_index()
+
+
+def _correlation_display(table: pd.DataFrame) -> pd.DataFrame:
+    """tau, tau-b, Psi, and per axis "psi (groups used / groups)"."""
+    axes = [c.removeprefix("psi_") for c in table.columns if c.startswith("psi_")]
+    out = table[[*POPULATION_KEYS, "measure", "n", "tau", "tau_b"]].copy()
+    for axis in axes:
+        used, dropped = table[f"groups_{axis}"], table[f"dropped_{axis}"]
+        out[f"ψ {axis} (groups)"] = [
+            f"{format_cell(p)} ({u}/{u + d})"
+            for p, u, d in zip(table[f"psi_{axis}"], used, dropped)
+        ]
+    out["Ψ"] = table["Psi"]
+    return out
+
+
+def _correlation_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
+    blocks: list[Block] = [
+        Heading("Correlation with the generalization gap"),
+        Paragraph(
+            "Each measure is oriented so that larger predicts a larger gap (table below). "
+            "tau: the pairwise-sign Kendall coefficient over all ok models of the population "
+            "(ties count 0); tau_b: scipy's tie-corrected tau. ψ axis: the mean tau over the "
+            "groups of models that differ only in that axis, with (groups used / groups); a "
+            "group with fewer than 2 models or a constant measure or gap has no tau and is "
+            "dropped. Ψ: the mean of the defined ψ (Jiang et al. 2019)."
+        ),
+        Table("Orientation of each measure.", tables["orientation"]),
+    ]
+    for gap in GAPS:
+        table = tables[f"correlation_{gap}"]
+        blocks.append(
+            Table(f"Kendall correlation of each measure with {gap}.", _correlation_display(table))
+        )
+        if table.attrs.get("notes"):
+            blocks.append(Bullets(table.attrs["notes"]))
+    return blocks
+
+
+def _measure_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
+    if "table2" not in tables:
+        return []
+    blocks: list[Block] = [Heading("Table 2: weight norm per precision")]
+    if len(tables["table2"]):
+        blocks.append(Table("L2 norm of all weights: mean and std over models.", tables["table2"]))
+    else:
+        blocks.append(Paragraph("No weight_norm rows in measures.parquet."))
+    blocks += [
+        Heading("Table 3: measures per precision"),
+        Table(
+            "Every measure as measured (not oriented), mean ± std over models; "
+            "<name>.flatness is 1/sigma^2 or 1/alpha^2 of its search.",
+            _table3_display(tables["table3"]),
+        ),
+    ]
+    return blocks + _correlation_blocks(tables)
+
+
+def _corruption_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
+    if "table4" not in tables:
+        return []
+    what = "mean gap = loss on the corrupted test set - loss on the clean training set"
+    return [
+        Heading("Tables 4-6: corrupted data"),
+        Table(f"Table 4: by corruption and precision ({what}).", tables["table4"]),
+        Table(f"Table 5: by severity and precision ({what}).", tables["table5"]),
+        Table(
+            f"Table 6: per precision, over every corruption and severity ({what}).",
+            tables["table6"],
+        ),
+    ]
+
+
+def _figure_blocks(study: Study, out_dir: Path) -> list[Block]:
+    drawn: list[figures.FigureFile] = []
+    for name, draw in (
+        ("steps", figures.figure_steps),
+        ("landscapes", figures.figure_landscapes),
+        ("history", figures.figure_training_curves),
+    ):
+        table = getattr(study, name)
+        if table is not None and len(table):
+            drawn += draw(study, out_dir)
+    if not drawn:
+        return []
+    return [Heading("Figures")] + [Image(f.caption, f.path.name) for f in drawn]
+
+
+def report_blocks(study: Study, out_dir: Path) -> list[Block]:
+    """The report's content; draws the figures into `out_dir` on the way."""
+    tables = tables_for(study)
+    blocks = _header(study)
+    blocks += [
+        Heading("Trials"),
+        Table(
+            f"Models per status; only the {len(study.ok)} with status ok are analysed.",
+            tables["status"],
+        ),
+    ]
+    missing = _missing(study)
+    if missing:
+        blocks += [Heading("Missing"), Bullets(missing)]
+    blocks += [
+        Heading("Table 1: accuracy, loss and generalization gap per precision"),
+        Table(
+            "Means over models; gap_loss = test_loss - train_loss, gap_acc = train_acc - "
+            "test_acc; accuracies are fractions.",
+            tables["table1"],
+        ),
+    ]
+    blocks += _measure_blocks(tables)
+    blocks += _figure_blocks(study, out_dir)
+    blocks += _corruption_blocks(tables)
+    return blocks
+
+
+def write_report(study_dir: str | Path) -> Path:
+    """Write <study>/report/report.md, report.html and the PNGs; return report.md's path."""
+    study = load_study(study_dir)
+    out_dir = study.path / schema.REPORT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    blocks = report_blocks(study, out_dir)
+    (out_dir / REPORT_HTML).write_text(to_html(blocks, f"QGen report: {study.name}"))
+    md = out_dir / REPORT_MD
+    md.write_text(to_markdown(blocks))
+    return md

@@ -1,0 +1,116 @@
+"""Read a study folder's tables for analysis: trials.parquet (required), study.json and the
+optional follow-up tables. Never touches checkpoints, Ray or torch.
+
+Only rows with status == "ok" enter the analysis; follow-up tables are restricted to those
+models and joined with their hyperparameters (and a `precision` label) on `model_id`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from qgen_ray import schema
+from qgen_ray.analysis.precision import with_precision
+from qgen_ray.errors import UserError
+
+# Trials are analysed per population: one dataset and one model family. These keys are
+# never granulated-Kendall axes.
+POPULATION_KEYS = ["dataset", "model"]
+
+# The follow-up tables a report uses, by attribute name of `Study`.
+OPTIONAL_TABLES = {
+    "history": schema.HISTORY,
+    "steps": schema.STEPS,
+    "measures": schema.MEASURES,
+    "corruptions": schema.CORRUPTIONS,
+    "landscapes": schema.LANDSCAPES,
+}
+
+
+@dataclass
+class Study:
+    """A study's tables as read from its folder. Optional tables are None when absent."""
+
+    path: Path
+    name: str
+    meta: dict  # study.json ({} when the file is absent)
+    axes: list[str]  # granulated-Kendall axes (study.json "axes", or inferred)
+    trials: pd.DataFrame  # every row of trials.parquet, with `precision`
+    history: pd.DataFrame | None = None
+    steps: pd.DataFrame | None = None
+    measures: pd.DataFrame | None = None
+    corruptions: pd.DataFrame | None = None
+    landscapes: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)  # what was absent or inferred
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        """The finished models (status == "ok"): the only ones analysed."""
+        return self.trials[self.trials["status"] == schema.STATUS_OK]
+
+    def joined(self, table: pd.DataFrame) -> pd.DataFrame:
+        """`table` restricted to ok models, with their hyperparameters and precision."""
+        keys = [c for c in [*schema.HPARAM_COLUMNS, "precision"] if c in self.ok.columns]
+        hp = self.ok[["model_id", *keys]]
+        own = [c for c in table.columns if c not in keys or c == "model_id"]
+        return table[own].merge(hp, on="model_id", how="inner")
+
+
+def infer_axes(trials: pd.DataFrame) -> list[str]:
+    """Axes of a study without study.json: hyperparameter columns with more than one value
+    among ok rows, less the population keys. `method` is left out when `bits` varies:
+    in every study the method follows from the precision (fp32 <=> 32 bits)."""
+    ok = trials[trials["status"] == schema.STATUS_OK]
+    axes = [
+        c
+        for c in schema.HPARAM_COLUMNS
+        if c in ok.columns and c not in POPULATION_KEYS and ok[c].nunique(dropna=False) > 1
+    ]
+    if "bits" in axes and "method" in axes:
+        axes.remove("method")
+    return axes
+
+
+def _read_optional(path: Path) -> pd.DataFrame | None:
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def load_study(study_dir: str | Path) -> Study:
+    """Read `study_dir`. A folder without trials.parquet is a UserError."""
+    path = Path(study_dir)
+    trials_path = path / schema.TRIALS
+    if not trials_path.is_file():
+        raise UserError(
+            f"no {schema.TRIALS} in {path}: run the study first (python studies/{path.name}.py)"
+        )
+    trials = with_precision(pd.read_parquet(trials_path))
+    notes: list[str] = []
+    meta_path = path / schema.STUDY_JSON
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if "axes" in meta:
+        axes = [a for a in meta["axes"] if a not in POPULATION_KEYS]
+    else:
+        axes = infer_axes(trials)
+        notes.append(
+            f"no axes in {schema.STUDY_JSON}: inferred from trials.parquet as {', '.join(axes)}"
+        )
+    missing_cols = [a for a in axes if a not in trials.columns]
+    if missing_cols:
+        raise UserError(
+            f"{schema.STUDY_JSON} in {path} names axes {missing_cols} that {schema.TRIALS} "
+            "lacks: fix the axes list or re-collect the study"
+        )
+    tables = {name: _read_optional(path / file) for name, file in OPTIONAL_TABLES.items()}
+    return Study(
+        path=path,
+        name=str(meta.get("study", path.name)),
+        meta=meta,
+        axes=axes,
+        trials=trials,
+        notes=notes,
+        **tables,
+    )

@@ -1,0 +1,110 @@
+"""`qgen`: the study store's command line (also `python -m qgen_ray`).
+
+    qgen status <study_dir>                  progress from the store alone
+    qgen collect <study_dir>                 rebuild trials/history/steps tables
+    qgen measure <study_dir> [--mode fast|faithful] [--measures ...] [--gpus-per-task G]
+    qgen corrupt <study_dir> [--corruptions ...] [--severities ...] [--corrupt-root DIR]
+    qgen landscape <study_dir> [--models ID ...] [--steps N]
+    qgen report <study_dir>
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from qgen_ray import schema
+from qgen_ray.errors import UserError, exit_on_user_error
+
+
+def _common(p: argparse.ArgumentParser, gpu_flag: bool = True) -> None:
+    p.add_argument("study_dir", help="the study folder <storage>/<study> (a path or URI)")
+    if gpu_flag:
+        p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
+        p.add_argument("--address", default=None, help="Ray cluster address; default local")
+        p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+        p.add_argument("--gpus-per-task", type=float, default=0.0,
+                       help="GPUs per worker actor (fractional packs several per GPU)")
+        p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per worker actor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qgen", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("status", help="progress of a study from its store"), gpu_flag=False)
+    _common(sub.add_parser("collect", help="rebuild the Parquet tables from trial folders"),
+            gpu_flag=False)
+    m = sub.add_parser("measure", help="sharpness and PAC-Bayes measures -> measures.parquet")
+    _common(m)
+    m.add_argument("--mode", default="fast", help="fast (default) | faithful (paper protocol)")
+    m.add_argument("--measures", nargs="+", default=None, help="measure names (default: all)")
+    c = sub.add_parser("corrupt", help="corrupted-input evaluation -> corruptions.parquet")
+    _common(c)
+    c.add_argument("--corruptions", nargs="+", default=None, help="names (default: all 15)")
+    c.add_argument("--severities", nargs="+", type=int, default=None, help="1..5 (default all)")
+    c.add_argument("--corrupt-root", default=None,
+                   help="published CIFAR-10-C/100-C folder; default: generate on the fly")
+    la = sub.add_parser("landscape", help="2-D loss surfaces -> landscapes.parquet")
+    _common(la)
+    la.add_argument("--models", nargs="+", default=None,
+                    help="model ids (default: the lowest-train-loss model per precision)")
+    la.add_argument("--per-precision", type=int, default=1)
+    la.add_argument("--steps", type=int, default=51, help="grid points per axis (paper 51)")
+    _common(sub.add_parser("report", help="report.md / report.html with tables and figures"),
+            gpu_flag=False)
+    return p
+
+
+def status(store) -> str:
+    from qgen_ray.collect import progress_counts
+
+    if not store.exists(schema.STUDY_JSON) and not store.trial_ids():
+        raise UserError(f"no study in {store.uri}: run a study script first")
+    planned = None
+    if store.exists(schema.STUDY_JSON):
+        planned = store.read_json(schema.STUDY_JSON).get("num_models")
+    counts = progress_counts(store)
+    finished = counts["ok"] + counts["diverged"]
+    line = (f"{store.name}: {finished}/{planned if planned is not None else '?'} models done "
+            f"(ok {counts['ok']}, diverged {counts['diverged']}, failed {counts['failed']}), "
+            f"{counts['started']} started without a result")
+    for table in (schema.MEASURES, schema.CORRUPTIONS, schema.LANDSCAPES):
+        df = store.read_table(table)
+        if df is not None:
+            line += f"\n  {table}: {len(df)} rows, {df['model_id'].nunique()} models"
+    return line
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    from qgen_ray.stages import corrupt_study, landscape_study, measure_study, report_study
+    from qgen_ray.store import StudyStore
+
+    args = build_parser().parse_args(argv)
+    store = StudyStore(args.study_dir)
+    common = {}
+    if hasattr(args, "gpus_per_task"):
+        common = {k: getattr(args, k) for k in
+                  ("gpus_per_task", "cpus_per_task", "data_root", "address", "device")}
+    if args.command == "status":
+        print(status(store))
+    elif args.command == "collect":
+        from qgen_ray.collect import collect
+
+        if not store.trial_ids():
+            raise UserError(f"no trials in {args.study_dir}: run the study first")
+        trials = collect(store)
+        print(f"{len(trials)} models -> {store.path(schema.TRIALS)}")
+    elif args.command == "measure":
+        print(measure_study(store, mode=args.mode, measures=args.measures, **common))
+    elif args.command == "corrupt":
+        print(corrupt_study(store, corruptions=args.corruptions, severities=args.severities,
+                            corrupt_root=args.corrupt_root, **common))
+    elif args.command == "landscape":
+        print(landscape_study(store, models=args.models, per_precision=args.per_precision,
+                              steps=args.steps, **common))
+    elif args.command == "report":
+        print(report_study(store))
+
+
+if __name__ == "__main__":
+    main()

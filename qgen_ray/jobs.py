@@ -1,0 +1,131 @@
+"""Per-item work of the follow-up jobs, free of Ray: measure one model, build one
+corrupted set, evaluate one model on corrupted sets, compute one loss landscape.
+
+Each job is `fn(store, data, item, device, **kwargs) -> list of table rows`, looked up by
+name in `JOBS`; `qgen_ray.fanout` runs them on Ray actors, a notebook can call them
+directly.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qgen_ray.data.base import ImageData
+from qgen_ray.loaders import load_model
+from qgen_ray.registry import Registry
+from qgen_ray.store import StudyStore
+from qgen_ray.train.evaluate import evaluate
+from qgen_ray.train.loop import resolve_device
+
+JOBS: Registry[Callable[..., list[dict]]] = Registry("job")
+CORRUPTED_DIR = "corrupted"  # <study>/corrupted/<dataset>/<corruption>/<severity>.npy
+CORRUPTION_SEED = 0  # seed of on-the-fly corruptions (same images every time)
+
+
+def _plain_model(store: StudyStore, model_id: str, which: str, device: torch.device):
+    """The model as the function it computes: quantizers replaced by w_hat (METHOD §3)."""
+    from qgen_ray.quant import materialize
+
+    return materialize(load_model(store.uri, model_id, which)).to(device).eval()
+
+
+@JOBS.register("measure")
+def measure_one(
+    store: StudyStore, data: ImageData, item: dict, device: str, *, names: list[str], mode: str, seed: int
+) -> list[dict]:
+    """Sharpness / PAC-Bayes measures of one model on its full training set."""
+    from qgen_ray.measures import compute_measures
+
+    dev = resolve_device(device)
+    model = _plain_model(store, item["model_id"], "final", dev)
+    init = _plain_model(store, item["model_id"], "init", dev)
+    x, y = data.normalize(data.train_x.to(dev)), data.train_y.to(dev)
+    rows = compute_measures(model, init, x, y, names=names, mode=mode, seed=seed, device=dev)
+    return [{"model_id": item["model_id"], **r} for r in rows]
+
+
+def corruption_cache(store: StudyStore) -> Path:
+    """Where generated corrupted sets live: in the study folder when it is local."""
+    if store.is_local:
+        return Path(store.path(CORRUPTED_DIR))
+    return Path(tempfile.gettempdir()) / "qgen-corrupted" / store.name
+
+
+def corrupted_images(
+    store: StudyStore, data: ImageData, corruption: str, severity: int, corrupt_root: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corrupted test set as uint8 [N, C, H, W] + labels: a published set when
+    `corrupt_root` is given (CIFAR-10-C layout), else generated and cached once."""
+    from qgen_ray.data.corruption_readers import read_cifar_c
+    from qgen_ray.data.corruptions import corrupted_set
+
+    if corrupt_root:
+        images, labels = read_cifar_c(corrupt_root, corruption, severity)
+    else:
+        nhwc = data.test_x.permute(0, 2, 3, 1).contiguous().numpy()
+        images, labels = corrupted_set(
+            corruption_cache(store), nhwc, data.test_y.numpy(), data.name, corruption, severity,
+            seed=CORRUPTION_SEED,
+        )
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.as_tensor(labels, dtype=torch.int64)
+
+
+@JOBS.register("corrupt_prepare")
+def prepare_corruption(
+    store: StudyStore, data: ImageData, item: dict, device: str, *, corrupt_root: str | None
+) -> list[dict]:
+    """Build (or find) one corrupted set so that evaluation jobs only read it."""
+    corrupted_images(store, data, item["corruption"], item["severity"], corrupt_root)
+    return []
+
+
+@JOBS.register("corrupt")
+def corrupt_one(
+    store: StudyStore,
+    data: ImageData,
+    item: dict,
+    device: str,
+    *,
+    sets: list[list],
+    corrupt_root: str | None,
+) -> list[dict]:
+    """Loss and accuracy of one model on every corrupted set in `sets`; gap = corrupted
+    loss - clean training loss (METHOD.md §6)."""
+    dev = resolve_device(device)
+    model = load_model(store.uri, item["model_id"], "final").to(dev)
+    rows = []
+    for corruption, severity in sets:
+        x, y = corrupted_images(store, data, corruption, severity, corrupt_root)
+        loss, acc = evaluate(model, x, y, data.normalize)
+        rows.append(
+            {
+                "model_id": item["model_id"],
+                "corruption": corruption,
+                "severity": int(severity),
+                "loss": loss,
+                "accuracy": acc,
+                "gap": loss - item["train_loss"],
+            }
+        )
+    return rows
+
+
+@JOBS.register("landscape")
+def landscape_one(
+    store: StudyStore, data: ImageData, item: dict, device: str, *, steps: int, span: float, seed: int
+) -> list[dict]:
+    """Filter-normalized 2-D loss surface of one model on its training set (METHOD §5)."""
+    from qgen_ray.measures import loss_landscape
+
+    dev = resolve_device(device)
+    model = _plain_model(store, item["model_id"], "final", dev)
+    x, y = data.normalize(data.train_x.to(dev)), data.train_y.to(dev)
+    surface = loss_landscape(model, x, y, steps=steps, span=span, seed=seed)
+    surface.insert(0, "model_id", item["model_id"])
+    return surface.to_dict("records")

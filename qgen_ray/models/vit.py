@@ -1,0 +1,108 @@
+"""Vision transformers from timm: DeiT-Tiny and Swin-Tiny (QGen ImageNet study, VVTQ).
+
+`deit_tiny` is timm's `deit_tiny_patch16_224`, `swin_tiny` its
+`swin_tiny_patch4_window7_224`, built with `pretrained=False` (timm then never touches the
+network) at `img_size=image_size`, `in_chans=in_channels`, `num_classes=num_classes`.
+`pretrained=True` fetches timm's ImageNet weights from the Hugging Face hub (or its cache;
+`HF_HUB_OFFLINE=1` allows only the cache); timm resizes position embeddings and drops a
+head of another size. A `weights=<file>` must come from the same architecture options
+and image size.
+
+Small inputs: DeiT needs `image_size` divisible by `patch_size` (default 16, so 32x32
+gives 2x2 tokens + the class token). Swin merges 2x2 patches three times, so
+`image_size` must be divisible by `patch_size * 8` (default 4 -> 32; we refuse the zero
+padding timm would otherwise add at odd merges); stages whose map
+is smaller than `window_size` use the whole map as one window (timm's rule), so
+`image_size=32` works with the default window 7.
+"""
+
+from __future__ import annotations
+
+import timm
+from torch import nn
+
+from qgen_ray.errors import UserError
+from qgen_ray.models.registry import register_model
+
+SWIN_MERGES = 3  # patch-merging stages of Swin-T (each halves the token grid)
+
+
+def timm_model(
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    pretrained: bool,
+    **options: int,
+) -> nn.Module:
+    """timm's `arch` at `image_size`; UserError when published weights are not reachable."""
+    try:
+        return timm.create_model(
+            arch,
+            pretrained=pretrained,
+            num_classes=num_classes,
+            in_chans=in_channels,
+            img_size=image_size,
+            **options,
+        )
+    except OSError as err:
+        raise UserError(
+            f"cannot fetch timm weights for {arch} ({err.__class__.__name__}); connect to the "
+            "Hugging Face hub, fill its cache, or pass weights=<file>"
+        ) from None
+
+
+def _check_divisible(name: str, image_size: int, divisor: int, why: str) -> None:
+    if image_size % divisor:
+        raise UserError(
+            f"{name} needs image_size divisible by {divisor} ({why}), got {image_size}; "
+            "change image_size or patch_size"
+        )
+
+
+@register_model("deit_tiny", head="head", origin="timm's deit_tiny_patch16_224", pretrained=True)
+def deit_tiny(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    *,
+    patch_size: int = 16,
+    pretrained: bool = False,
+) -> nn.Module:
+    """DeiT-Tiny (Touvron et al. 2021); `patch_size`: side of a token's patch in pixels."""
+    _check_divisible("deit_tiny", image_size, patch_size, "patch_size")
+    return timm_model(
+        "deit_tiny_patch16_224",
+        num_classes,
+        in_channels,
+        image_size,
+        pretrained,
+        patch_size=patch_size,
+    )
+
+
+@register_model(
+    "swin_tiny", head="head.fc", origin="timm's swin_tiny_patch4_window7_224", pretrained=True
+)
+def swin_tiny(
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    *,
+    patch_size: int = 4,
+    window_size: int = 7,
+    pretrained: bool = False,
+) -> nn.Module:
+    """Swin-Tiny (Liu et al. 2021); `patch_size`: side of a patch in pixels; `window_size`:
+    side of an attention window in tokens."""
+    divisor = patch_size * 2**SWIN_MERGES
+    _check_divisible("swin_tiny", image_size, divisor, f"patch_size x 2^{SWIN_MERGES}")
+    return timm_model(
+        "swin_tiny_patch4_window7_224",
+        num_classes,
+        in_channels,
+        image_size,
+        pretrained,
+        patch_size=patch_size,
+        window_size=window_size,
+    )

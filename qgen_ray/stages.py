@@ -1,0 +1,220 @@
+"""The follow-up stages of a study (measure, corrupt, landscape, report), as run by
+`qgen <stage> <study_dir>` and by the study scripts after training.
+
+Each stage reads the trials table, works out what is not yet in its own table, fans the
+rest out over Ray (`qgen_ray.fanout`) and prints where its output is. Stages are
+idempotent: a re-run after a kill finishes only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+
+from qgen_ray import schema
+from qgen_ray.data import load_image_data
+from qgen_ray.errors import UserError
+from qgen_ray.loaders import load_trials
+from qgen_ray.store import StudyStore
+
+DEFAULT_MEASURE_MODE = "fast"
+MEASURE_SEED = 0  # noise / restarts seed of the sigma searches
+
+
+def _ok_trials(store: StudyStore) -> pd.DataFrame:
+    trials = load_trials(store.uri)
+    ok = trials[trials["status"] == schema.STATUS_OK]
+    if ok.empty:
+        raise UserError(f"no finished (status ok) models in {store.uri}: train the study first")
+    missing = [m for m in ok["model_id"] if not store.trial(m).has(schema.FINAL_CKPT)]
+    if missing:
+        raise UserError(
+            f"{len(missing)} models in {store.uri} have no checkpoint (e.g. {missing[0]}): "
+            "the study folder is incomplete; re-run the study script to rebuild them"
+        )
+    return ok
+
+
+def _data(trials: pd.DataFrame, data_root: str | None):
+    names = trials["dataset"].unique().tolist()
+    if len(names) != 1:
+        raise UserError(f"study mixes datasets {names}; run the stage per dataset")
+    return load_image_data(names[0], data_root)
+
+
+def _report_errors(stage: str, errors: list[str]) -> None:
+    if errors:
+        print(f"[{stage}] {len(errors)} item(s) failed and will be retried on re-run:")
+        for line in errors[:10]:
+            print(f"  {line}")
+
+
+def measure_study(
+    store: StudyStore,
+    *,
+    mode: str = DEFAULT_MEASURE_MODE,
+    measures: list[str] | None = None,
+    gpus_per_task: float = 0.0,
+    cpus_per_task: float = 1.0,
+    data_root: str | None = None,
+    address: str | None = None,
+    device: str = "auto",
+) -> str:
+    """Sharpness / PAC-Bayes measures of every ok model -> measures.parquet."""
+    from qgen_ray.fanout import fan_out
+    from qgen_ray.measures import MEASURES, MODES
+    from qgen_ray.tune_runner import init_ray
+
+    names = measures or MEASURES.names()
+    for name in names:
+        MEASURES.get(name)
+    if mode not in MODES:
+        raise UserError(f"unknown measure mode {mode!r}; valid: {', '.join(MODES)}")
+    trials = _ok_trials(store)
+    done = store.read_table(schema.MEASURES)
+    have = set() if done is None else set(zip(done["model_id"], done["measure"]))
+    todo = [m for m in trials["model_id"] if any((m, n) not in have for n in names)]
+    print(f"[measure] {len(trials)} models, {len(trials) - len(todo)} already measured, "
+          f"{len(todo)} to measure ({mode} mode, {len(names)} measures)", flush=True)
+    if todo:
+        init_ray(address)
+        _, errors = fan_out(
+            store, "measure", [{"model_id": m} for m in todo], _data(trials, data_root),
+            table=schema.MEASURES, key=["model_id", "measure"],
+            kwargs={"names": names, "mode": mode, "seed": MEASURE_SEED},
+            cpus=cpus_per_task, gpus=gpus_per_task, device=device, label="measure",
+        )
+        _report_errors("measure", errors)
+    return store.path(schema.MEASURES)
+
+
+def corrupt_study(
+    store: StudyStore,
+    *,
+    corruptions: list[str] | None = None,
+    severities: list[int] | None = None,
+    corrupt_root: str | None = None,
+    gpus_per_task: float = 0.0,
+    cpus_per_task: float = 1.0,
+    data_root: str | None = None,
+    address: str | None = None,
+    device: str = "auto",
+) -> str:
+    """Every ok model on every corruption x severity -> corruptions.parquet."""
+    from qgen_ray.data.corruptions import CORRUPTIONS, SEVERITIES, validate
+    from qgen_ray.fanout import fan_out
+    from qgen_ray.tune_runner import init_ray
+
+    corruptions = list(corruptions or CORRUPTIONS)
+    severities = [int(s) for s in (severities or SEVERITIES)]
+    validate(corruptions, severities)
+    trials = _ok_trials(store)
+    sets = [[c, s] for c in corruptions for s in severities]
+    done = store.read_table(schema.CORRUPTIONS)
+    have = set() if done is None else set(zip(done["model_id"], done["corruption"], done["severity"]))
+    todo = trials[[any((m, c, s) not in have for c, s in sets) for m in trials["model_id"]]]
+    print(f"[corrupt] {len(trials)} models x {len(sets)} corrupted sets; "
+          f"{len(todo)} models to evaluate", flush=True)
+    if len(todo):
+        data = _data(trials, data_root)
+        if corrupt_root is None:  # validate a published root before any work
+            pass
+        else:
+            from qgen_ray.data.corruption_readers import read_cifar_c
+
+            for c, s in sets:
+                read_cifar_c(corrupt_root, c, s)
+        init_ray(address)
+        common = {"cpus": cpus_per_task, "gpus": gpus_per_task, "device": device}
+        _, errors = fan_out(
+            store, "corrupt_prepare", [{"corruption": c, "severity": s} for c, s in sets], data,
+            table=None, key=[], kwargs={"corrupt_root": corrupt_root}, label="corrupt: sets",
+            **common,
+        )
+        items = todo[["model_id", "train_loss"]].to_dict("records")
+        _, more = fan_out(
+            store, "corrupt", items, data, table=schema.CORRUPTIONS,
+            key=["model_id", "corruption", "severity"],
+            kwargs={"sets": sets, "corrupt_root": corrupt_root}, label="corrupt: models",
+            **common,
+        )
+        _report_errors("corrupt", errors + more)
+    return store.path(schema.CORRUPTIONS)
+
+
+def pick_landscape_models(trials: pd.DataFrame, per_precision: int) -> list[str]:
+    """Per precision, the `per_precision` models with the lowest training loss."""
+    ranked = trials.sort_values(["bits", "train_loss", "model_id"])
+    return ranked.groupby("bits").head(per_precision)["model_id"].tolist()
+
+
+def landscape_study(
+    store: StudyStore,
+    *,
+    models: list[str] | None = None,
+    per_precision: int = 1,
+    steps: int = 51,
+    span: float = 1.0,
+    gpus_per_task: float = 0.0,
+    cpus_per_task: float = 1.0,
+    data_root: str | None = None,
+    address: str | None = None,
+    device: str = "auto",
+) -> str:
+    """Filter-normalized loss surfaces of chosen models -> landscapes.parquet."""
+    from qgen_ray.fanout import fan_out
+    from qgen_ray.tune_runner import init_ray
+
+    trials = _ok_trials(store)
+    chosen = models or pick_landscape_models(trials, per_precision)
+    unknown = sorted(set(chosen) - set(trials["model_id"]))
+    if unknown:
+        raise UserError(f"unknown or unfinished model id {unknown[0]}; see `qgen status {store.uri}`")
+    done = store.read_table(schema.LANDSCAPES)
+    have = set() if done is None else set(done["model_id"])
+    todo = [m for m in chosen if m not in have]
+    print(f"[landscape] {len(chosen)} models, {len(todo)} to compute ({steps}x{steps} grid)")
+    if todo:
+        init_ray(address)
+        _, errors = fan_out(
+            store, "landscape", [{"model_id": m} for m in todo], _data(trials, data_root),
+            table=schema.LANDSCAPES, key=["model_id", "x", "y"],
+            kwargs={"steps": steps, "span": span, "seed": MEASURE_SEED},
+            cpus=cpus_per_task, gpus=gpus_per_task, device=device, label="landscape",
+        )
+        _report_errors("landscape", errors)
+    return store.path(schema.LANDSCAPES)
+
+
+def report_study(store: StudyStore) -> str:
+    """The Markdown + HTML report with the paper's tables and figures."""
+    from qgen_ray.analysis.report import write_report
+
+    if not store.is_local:
+        raise UserError("qgen report needs a local study folder; copy the Parquet tables "
+                        "down first (e.g. aws s3 sync s3://.../<study> ./<study>)")
+    return str(write_report(store.root))
+
+
+STAGE_FUNCTIONS = {
+    "measure": measure_study,
+    "corrupt": corrupt_study,
+    "landscape": landscape_study,
+    "report": report_study,
+}
+COMMON = ("data_root", "address", "device")
+
+
+def run_stage(stage: str, store: StudyStore, args: argparse.Namespace, options: dict) -> str:
+    """Run one stage with the study's options, overridden by whatever `args` sets."""
+    fn = STAGE_FUNCTIONS[stage]
+    kwargs = dict(options)
+    if stage != "report":
+        for name in COMMON:
+            if getattr(args, name, None) is not None:
+                kwargs[name] = getattr(args, name)
+        gpus = getattr(args, "gpus_per_trial", None) or getattr(args, "gpus_per_task", None)
+        if gpus:
+            kwargs["gpus_per_task"] = gpus
+    return fn(store, **kwargs)

@@ -1,0 +1,126 @@
+"""A study: a declared grid of models, expanded into frozen `TrainSpec`s.
+
+A study script (studies/<name>.py) builds one `Study` and hands it to
+`qgen_ray.study_cli.main`. The grid maps hyperparameter names (TrainSpec fields) to
+lists of values; `lr` may instead map each optimizer to its own list (the paper's NiN
+grid: SGD {0.1, 0.05, 0.01}, Adam / RMSProp {1e-3, 5e-4, 1e-4}), in which case the
+position of the value in its list is recorded as `lr_rank`, the granulated-Kendall axis
+that lets optimizers be compared at "the same" learning rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, replace
+
+from qgen_ray.errors import UserError
+from qgen_ray.spec import TrainSpec
+
+# Precisions as (method, bits). FP32 is no quantizer at all.
+PAPER_PRECISIONS = (("fp32", 32), ("lsq", 8), ("lsq", 4), ("lsq", 2))
+
+# The paper's NiN learning rates per optimizer (METHOD.md §2, QGen Appendix B.3).
+NIN_LR_GRID = {"sgd": [0.1, 0.05, 0.01], "adam": [1e-3, 5e-4, 1e-4], "rmsprop": [1e-3, 5e-4, 1e-4]}
+
+
+@dataclass(frozen=True)
+class Study:
+    """What a study trains: dataset, model family, grid, precisions, protocol, resources."""
+
+    name: str
+    dataset: str
+    model: str
+    grid: dict  # TrainSpec field -> list of values ("lr" may be {optimizer: [values]})
+    precisions: tuple[tuple[str, int], ...] = PAPER_PRECISIONS
+    protocol: dict = field(default_factory=dict)  # fixed TrainSpec fields: epochs, batch_size...
+    smoke_grid: dict | None = None  # --smoke: replaces `grid` (a corner of it)
+    smoke_protocol: dict | None = None  # --smoke: overrides `protocol` (e.g. epochs=2)
+    smoke_precisions: tuple[tuple[str, int], ...] | None = None
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractional: 0.25 packs four trials per GPU
+    stages: tuple[str, ...] = ("train",)  # after training: "measure", "corrupt", "report"
+    stage_options: dict = field(default_factory=dict)  # per stage: {"measure": {...}}
+    description: str = ""
+
+    def smoke(self) -> Study:
+        """The same study shrunk to seconds, for CI (`--smoke`)."""
+        return replace(
+            self,
+            grid=self.smoke_grid if self.smoke_grid is not None else self.grid,
+            protocol={**self.protocol, **(self.smoke_protocol or {})},
+            precisions=self.smoke_precisions or self.precisions,
+        )
+
+    @property
+    def axes(self) -> list[str]:
+        """The hyperparameter columns that vary (granulated-Kendall axes)."""
+        out = []
+        for key, values in self.grid.items():
+            if key == "lr" and isinstance(values, dict):
+                if max(len(v) for v in values.values()) > 1:
+                    out.append("lr_rank")
+            elif len(values) > 1:
+                out.append(key)
+        if len({bits for _, bits in self.precisions}) > 1:
+            out.append("bits")
+        return out
+
+    def specs(self) -> list[TrainSpec]:
+        """Every model of the grid, in a fixed order, validated."""
+        return [spec for spec, _ in self.plan()]
+
+    def plan(self) -> list[tuple[TrainSpec, dict]]:
+        """(spec, extra columns) for every model; extra holds `lr_rank` when used."""
+        grid = dict(self.grid)
+        lr_table = grid.pop("lr") if isinstance(grid.get("lr"), dict) else None
+        if lr_table is not None and "optimizer" not in grid:
+            grid["optimizer"] = list(lr_table)
+        for key, values in grid.items():
+            if not isinstance(values, list | tuple) or not values:
+                raise UserError(f"grid entry {key!r} must be a non-empty list of values")
+        out = []
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            point = dict(zip(keys, combo))
+            lr_choices = [(None, None)]
+            if lr_table is not None:
+                if point["optimizer"] not in lr_table:
+                    raise UserError(
+                        f"grid 'lr' has no values for optimizer {point['optimizer']!r}; "
+                        f"add it to the lr table (has: {', '.join(lr_table)})"
+                    )
+                lr_choices = list(enumerate(lr_table[point["optimizer"]]))
+            for rank, lr in lr_choices:
+                for method, bits in self.precisions:
+                    fields_ = {
+                        "dataset": self.dataset,
+                        "model": self.model,
+                        **self.protocol,
+                        **point,
+                        "method": method,
+                        "bits": bits,
+                    }
+                    extra = {}
+                    if lr is not None:
+                        fields_["lr"] = lr
+                        extra["lr_rank"] = rank
+                    out.append((TrainSpec.from_dict(fields_), extra))
+        ids = [s.model_id for s, _ in out]
+        if len(set(ids)) != len(ids):
+            raise UserError(f"study {self.name!r} lists the same model twice; remove repeated values")
+        return out
+
+    def describe(self) -> dict:
+        """The study.json record: enough for analysis to know its axes."""
+        first = self.specs()[0]
+        return {
+            "study": self.name,
+            "dataset": self.dataset,
+            "model": self.model,
+            "axes": self.axes,
+            "grid": self.grid,
+            "precisions": [list(p) for p in self.precisions],
+            "protocol": {k: v for k, v in first.to_dict().items() if k not in self.grid},
+            "num_models": len(self.specs()),
+            "description": self.description,
+        }

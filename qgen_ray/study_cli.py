@@ -1,0 +1,105 @@
+"""The command line every study script shares: plan -> train -> follow-up stages.
+
+    python studies/<name>.py [--storage DIR|URI] [--data-root DIR] [--download] [--smoke]
+        [--address ADDR] [--cpus-per-trial C] [--gpus-per-trial G] [--stages ...]
+
+Re-running a study resumes it: finished models are never retrained, unfinished ones
+continue from their last checkpoint, failed ones are retried.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from qgen_ray import schema
+from qgen_ray.errors import UserError, exit_on_user_error
+from qgen_ray.study import Study
+
+DEFAULT_STORAGE = "./results"
+STAGES = ("train", "measure", "corrupt", "landscape", "report")
+
+
+def parser(study: Study) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"studies/{study.name}.py",
+        description=study.description or f"Run the {study.name} study.",
+    )
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help="study store root: a folder or a pyarrow URI such as s3://bucket/path "
+                   f"(default {DEFAULT_STORAGE}); the study lands in <storage>/<study name>")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding the dataset on disk (CIFAR: the parent of "
+                   "cifar-10-batches-py); not needed for digits")
+    p.add_argument("--download", action="store_true",
+                   help="download the dataset into --data-root if missing (needs network)")
+    p.add_argument("--smoke", action="store_true",
+                   help="a corner of the grid for a few epochs, in <study>-smoke (seconds; CI)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address ('auto' on a head node); default: a local Ray")
+    p.add_argument("--cpus-per-trial", type=float, default=None,
+                   help=f"CPUs per training trial (default {study.cpus_per_trial})")
+    p.add_argument("--gpus-per-trial", type=float, default=None,
+                   help=f"GPUs per trial, fractional packs trials (default {study.gpus_per_trial})")
+    p.add_argument("--stages", nargs="+", default=None, choices=STAGES,
+                   help=f"what to run (default: {' '.join(study.stages)})")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def run(study: Study, args: argparse.Namespace) -> dict:
+    """Run the study's stages; return {stage: output path}."""
+    from qgen_ray.data import load_image_data
+    from qgen_ray.spec import RunOptions
+    from qgen_ray.store import StudyStore
+
+    if args.smoke:
+        study = study.smoke()
+        study = Study(**{**study.__dict__, "name": f"{study.name}-smoke"})
+    stages = args.stages or list(study.stages)
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else study.cpus_per_trial
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else study.gpus_per_trial
+    if cpus <= 0 or gpus < 0:
+        raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    plan = study.plan()  # validates the grid before anything is written
+    store = StudyStore.for_study(args.storage, study.name)
+    store.check_writable()
+    outputs: dict[str, str] = {}
+    if "train" in stages:
+        from qgen_ray import tune_runner
+        from qgen_ray.collect import collect
+
+        data = load_image_data(study.dataset, args.data_root, args.download)
+        store.write_json(schema.STUDY_JSON, {**study.describe(), "created_at": time.time()})
+        done = tune_runner.finished_ids(store)
+        pending = [(s, e) for s, e in plan if s.model_id not in done]
+        print(f"[{study.name}] {len(plan)} models planned, {len(plan) - len(pending)} already "
+              f"done, {len(pending)} to train; store: {store.uri}", flush=True)
+        if pending:
+            tune_runner.init_ray(args.address)
+            tune_runner.run_training(
+                store, pending, data, RunOptions(device=args.device), cpus, gpus,
+                already_done=len(plan) - len(pending), progress=not args.quiet,
+            )
+        trials = collect(store)
+        counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+        print(f"[{study.name}] trials: {counts}", flush=True)
+        outputs["trials"] = store.path(schema.TRIALS)
+    for stage in ("measure", "corrupt", "landscape", "report"):
+        if stage in stages:
+            from qgen_ray import stages as stage_impl
+
+            outputs[stage] = stage_impl.run_stage(
+                stage, store, args, study.stage_options.get(stage, {})
+            )
+    return outputs
+
+
+def main(study: Study, argv: list[str] | None = None) -> dict:
+    """Entry point of every study script."""
+    args = parser(study).parse_args(argv)
+    outputs = exit_on_user_error(run)(study, args)
+    for name, path in outputs.items():
+        print(f"{name:>10}: {path}")
+    return outputs

@@ -1,0 +1,175 @@
+"""The Ray Tune adapter: one trial per model, fractional resources, store-based resume.
+
+This is the only module of the training path that imports Ray. The trial body is a thin
+wrapper around `qgen_ray.train.train`; idempotency lives in the store, not in Tune: the
+driver plans the grid, drops every model that already has a result (ok or diverged),
+and gives Tune only the rest; a model that had started continues from its `last.pt`.
+A trial whose code raises is recorded as `failed` with its reason (a re-run retries
+it); a trial whose process dies is retried by Tune (`MAX_FAILURES`) and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from datetime import datetime, timezone
+
+import ray
+from ray import tune
+
+from qgen_ray import schema
+from qgen_ray.collect import collect
+from qgen_ray.data.base import ImageData
+from qgen_ray.provenance import provenance
+from qgen_ray.spec import RunOptions, TrainSpec
+from qgen_ray.store import StudyStore
+from qgen_ray.train import train
+
+MAX_FAILURES = 3  # Tune retries of a trial whose worker process died (not code errors)
+PROGRESS_EVERY_S = 15.0  # seconds between progress lines while nothing completes
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to `address` (a cluster; "auto" on a head node); otherwise start a local
+    instance (inside `ray job submit`, Ray's own RAY_ADDRESS makes this connect)."""
+    if ray.is_initialized():
+        return
+    kwargs = {"logging_level": "WARNING", "configure_logging": True}
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        kwargs["dashboard_host"] = "127.0.0.1"  # the dashboard stays private by default
+    ray.init(address=address, **kwargs)
+
+
+def failed_result(spec: TrainSpec, err: BaseException) -> dict:
+    """The row of a model whose training raised: status failed, the reason kept."""
+    last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+    where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
+    return {
+        "model_id": spec.model_id,
+        **{k: getattr(spec, k) for k in schema.HPARAM_COLUMNS},
+        "epochs": spec.epochs,
+        "batch_size": spec.batch_size,
+        "status": schema.STATUS_FAILED,
+        "reason": f"{err.__class__.__name__}: {err}{where}"[:500],
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "spec": spec.to_dict(),
+        **provenance(),
+    }
+
+
+def run_trial(config: dict, data: ImageData) -> None:
+    """Tune function trainable: train one model and write its result into the store."""
+    import torch
+
+    config = config["trial"]
+    torch.set_num_threads(max(1, int(config["cpus"])))
+    spec = TrainSpec.from_dict(config["spec"])
+    trial = StudyStore(config["store"]).trial(spec.model_id)
+    try:
+        result = train(spec, data, trial, RunOptions(**config["options"]), report=tune.report)
+    except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
+        result = failed_result(spec, err)
+    result.update(config["extra"])
+    trial.write_result(result)
+
+
+class ProgressLine(tune.Callback):
+    """One console line: done / running / failed / ETA (the store has the details)."""
+
+    def __init__(self, study: str, total: int, already: int):
+        self.study, self.total, self.already = study, total, already
+        self.done = self.errored = 0
+        self.start = time.time()
+        self.last_print = 0.0
+
+    def _print(self, trials, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last_print < PROGRESS_EVERY_S:
+            return
+        self.last_print = now
+        running = sum(t.status == "RUNNING" for t in trials)
+        finished = self.done + self.errored
+        left = self.total - finished
+        eta = (now - self.start) / finished * left if finished else float("nan")
+        eta_txt = "?" if eta != eta else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        print(
+            f"[{self.study}] done {self.already + finished}/{self.already + self.total} "
+            f"(this run {finished}/{self.total}, errored {self.errored}) "
+            f"running {running}  elapsed {int(now - self.start)}s  ETA {eta_txt}",
+            flush=True,
+        )
+
+    def on_step_end(self, iteration, trials, **info):
+        self._print(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        self._print(trials, force=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.errored += 1
+        self._print(trials, force=True)
+
+
+def tune_storage(store: StudyStore) -> str:
+    return store.path(schema.TUNE_DIR) if store.is_local else f"{store.uri}/{schema.TUNE_DIR}"
+
+
+def run_training(
+    store: StudyStore,
+    pending: list[tuple[TrainSpec, dict]],
+    data: ImageData,
+    options: RunOptions,
+    cpus_per_trial: float,
+    gpus_per_trial: float,
+    already_done: int = 0,
+    progress: bool = True,
+) -> None:
+    """Train every pending model as one Tune trial; results land in the store."""
+    if not pending:
+        return
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, data=data), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
+    )
+    configs = [
+        {
+            "spec": spec.to_dict(),
+            "extra": extra,
+            "store": store.uri,
+            "options": {"device": options.device, "checkpoint_every": options.checkpoint_every},
+            "cpus": cpus_per_trial,
+            "model_id": spec.model_id,
+        }
+        for spec, extra in pending
+    ]
+    callbacks = [ProgressLine(store.name, len(configs), already_done)] if progress else []
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(
+            reuse_actors=True,
+            trial_name_creator=lambda t: t.config["trial"]["model_id"],
+            trial_dirname_creator=lambda t: t.config["trial"]["model_id"],
+        ),
+        run_config=tune.RunConfig(
+            name=f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
+            storage_path=tune_storage(store),
+            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
+            verbose=0,
+            callbacks=callbacks,
+        ),
+    )
+    tuner.fit()
+
+
+def finished_ids(store: StudyStore) -> set[str]:
+    """Models that need no more training: ok or diverged (failed ones are retried)."""
+    return {
+        r["model_id"]
+        for r in store.results()
+        if r["status"] in (schema.STATUS_OK, schema.STATUS_DIVERGED)
+    }
+
+
+__all__ = ["collect", "finished_ids", "init_ray", "run_training"]
