@@ -31,6 +31,7 @@ FIGURE_SIZES = {"steps": (8.0, 5.0), "curves": (11.0, 4.5)}
 LANDSCAPE_PANEL = (4.0, 4.25)  # inches per precision column (two rows: surface, contour)
 MAX_LAYER_TICK_LABELS = 24  # more layers than this: ticks show indices, not names
 CONTOUR_LEVELS = 20
+KEPT_NOTE = "open marker:\nlayer kept at\nanother precision\n(LSQ: first and\nlast at 8 bits)"
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def figure_steps(study: Study, out_dir: Path) -> list[FigureFile]:
         if len(names) <= MAX_LAYER_TICK_LABELS:
             ax.set_xticks(names.index, names.values, rotation=45, ha="right", fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(title="precision (open marker: layer kept at 8 bits)", fontsize=8)
+        ax.legend(title="precision", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        ax.text(1.01, 0.0, KEPT_NOTE, transform=ax.transAxes, fontsize=7, va="bottom")
         fig.tight_layout()
         path = _save(fig, out_dir / f"fig1_steps_{_slug(dataset, model)}.png")
         files.append(
@@ -120,8 +122,8 @@ def figure_landscapes(study: Study, out_dir: Path) -> list[FigureFile]:
         xlim = (float(rows["x"].min()), float(rows["x"].max()))
         ylim = (float(rows["y"].min()), float(rows["y"].max()))
         w, h = LANDSCAPE_PANEL
-        fig = Figure(figsize=(w * len(order), 2 * h), dpi=DPI)
-        contour = None
+        fig = Figure(figsize=(w * len(order) + 1.0, 2 * h), dpi=DPI, layout="constrained")
+        contour, contour_axes = None, []
         for col, bits in enumerate(order):
             x, y, z = surfaces[bits]
             n = rows.loc[rows["bits"] == bits, "model_id"].nunique()
@@ -129,17 +131,19 @@ def figure_landscapes(study: Study, out_dir: Path) -> list[FigureFile]:
             ax3 = fig.add_subplot(2, len(order), col + 1, projection="3d")
             ax3.plot_surface(x, y, z, cmap="viridis", vmin=zmin, vmax=zmax, linewidth=0)
             ax3.set(xlim=xlim, ylim=ylim, zlim=(zmin, zmax), title=title)
-            ax3.set(xlabel="direction 1", ylabel="direction 2", zlabel="loss")
+            ax3.set(xlabel="direction 1", ylabel="direction 2")
+            ax3.set_zlabel("loss")
             ax2 = fig.add_subplot(2, len(order), len(order) + col + 1)
             contour = ax2.contourf(x, y, z, levels=levels, cmap="viridis")
             ax2.contour(x, y, z, levels=levels, colors="k", linewidths=0.3)
-            ax2.set(xlim=xlim, ylim=ylim, xlabel="direction 1", ylabel="direction 2")
-            ax2.set_title(title)
-            ax2.set_aspect("equal")
+            ax2.set(xlim=xlim, ylim=ylim, xlabel="direction 1", title=title, aspect="equal")
+            if col == 0:
+                ax2.set_ylabel("direction 2")
+            contour_axes.append(ax2)
         fig.suptitle(
             f"Figure 2: loss landscape, {dataset} / {model} (filter-normalized random directions)"
         )
-        fig.colorbar(contour, ax=fig.axes[len(order) :], label="loss", shrink=0.8)
+        fig.colorbar(contour, ax=contour_axes, label="loss", shrink=0.9, format="%.3g")
         path = _save(fig, out_dir / f"fig2_landscape_{_slug(dataset, model)}.png")
         files.append(
             FigureFile(

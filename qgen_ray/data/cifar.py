@@ -37,7 +37,7 @@ def _cifar(variant: str, root: str | None, download: bool) -> ImageData:
     if not download:
         missing = [
             name
-            for name, _ in cls.train_list + cls.test_list
+            for name in [n for n, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
             if not (Path(root) / cls.base_folder / name).is_file()
         ]
         if missing:

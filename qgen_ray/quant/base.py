@@ -17,9 +17,10 @@ MAX_BITS = 8  # largest bit width studied (the paper's int8)
 FP32_BITS = 32  # "bits" value that means: no quantizer at all (the paper's FP32)
 PARAM_BITS = 32  # storage cost of one step size or codebook entry (a float32)
 
-# Smallest allowed LSQ step size. Ours: LSQ requires s > 0 but names no floor; 1e-8 is far
-# below any learned step we see (~1e-4 at 8 bits) and keeps 1/s finite in float32.
-STEP_EPS = 1e-8
+# Smallest allowed LSQ step size. Ours: LSQ requires s > 0 but names no floor; 2^-26
+# (~1.5e-8, exact in every float dtype) is far below any learned step we see (~1e-4 at
+# 8 bits) and keeps 1/s finite in float32.
+STEP_EPS = 2.0**-26
 
 
 def check_bits(bits: int) -> int:

@@ -44,7 +44,7 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def float_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, layer) for each nn.Conv2d / nn.Linear in registration order. A subclass of
     either (whose forward we could not reproduce faithfully) is a UserError."""
     layers = []
@@ -91,7 +91,7 @@ def quantize_model(
         setattr(model, QUANT_ATTR, {"bits": FP32_BITS, "method": "fp32", "policy": None})
         return model
     make_quantizer = METHODS.get(method).make_quantizer
-    layers = quantizable_layers(model)
+    layers = float_layers(model)
     layer_bits = policy.resolve([name for name, _ in layers], bits)
     replacements, quantized = {}, {}
     for name, layer in layers:
@@ -187,7 +187,7 @@ def compression_ratio(model: nn.Module) -> float:
     count at 32 bits. Biases and normalization parameters are not counted. 1.0 for FP32."""
     inner = unwrap(model)
     full = stored = 0
-    for _, layer in quantizable_layers(inner) + quantized_layers(inner):
+    for _, layer in float_layers(inner) + quantized_layers(inner):
         numel = layer.weight.numel()
         full += PARAM_BITS * numel
         quantizer = getattr(layer, "weight_quantizer", None)

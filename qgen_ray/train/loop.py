@@ -110,28 +110,31 @@ def train(
         for epoch in range(state["epoch"] + 1, spec.epochs + 1):
             t0 = time.time()
             order = torch.randperm(n, generator=generator).to(device)
-            loss_sum, correct = 0.0, 0
+            loss_sum = torch.zeros((), device=device)  # summed on device: no per-step sync
+            correct = torch.zeros((), device=device, dtype=torch.int64)
             for step in range(steps_per_epoch):
                 idx = order[step * spec.batch_size : (step + 1) * spec.batch_size]
-                xb = data.normalize(data.augment(train_x[idx], generator))
+                xb = train_x[idx]
+                if spec.augment:
+                    xb = data.augment(xb, generator)
+                xb = data.normalize(xb)
                 logits = model(xb)
                 progress = ((epoch - 1) * steps_per_epoch + step) / (spec.epochs * steps_per_epoch)
                 loss = F.cross_entropy(logits, train_y[idx])
-                total = loss + quant_regularizer(model, progress)
-                if not torch.isfinite(total):
-                    raise Diverged(f"non-finite training loss at epoch {epoch}, step {step + 1}")
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                (loss + quant_regularizer(model, progress)).backward()
                 optimizer.step()
                 clamp_steps_(model)
-                loss_sum += float(loss) * len(idx)
-                correct += int((logits.argmax(1) == train_y[idx]).sum())
+                loss_sum += loss.detach() * len(idx)
+                correct += (logits.argmax(1) == train_y[idx]).sum()
             scheduler.step()
-            epoch_loss = loss_sum / n
+            if not torch.isfinite(loss_sum):  # checked once per epoch (one device sync)
+                raise Diverged(f"non-finite training loss in epoch {epoch}")
+            epoch_loss = float(loss_sum) / n
             row = {
                 "epoch": epoch,
                 "train_loss": epoch_loss,
-                "train_acc": correct / n,
+                "train_acc": int(correct) / n,
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": time.time() - t0,
             }

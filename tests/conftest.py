@@ -1,0 +1,48 @@
+"""Shared fixtures: offline hub, CIFAR folders written in torchvision's pickle format."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_cifar_fixture(root: Path, variant: str = "cifar10", per_batch: int = 20, seed: int = 0) -> Path:
+    """A CIFAR folder in the published pickle layout with `per_batch` random images per
+    file (5 train batches + test batch + meta). Returns root."""
+    from torchvision import datasets
+
+    cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[variant]
+    classes = 10 if variant == "cifar10" else 100
+    label_key = "labels" if variant == "cifar10" else "fine_labels"
+    rng = np.random.default_rng(seed)
+    folder = root / cls.base_folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, _ in cls.train_list + cls.test_list:
+        entry = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, classes, per_batch).tolist(),
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    with open(folder / cls.meta["filename"], "wb") as f:
+        pickle.dump({cls.meta["key"]: [f"class{i}" for i in range(classes)]}, f)
+    return root
+
+
+@pytest.fixture
+def cifar10_root(tmp_path, monkeypatch):
+    """A CIFAR-10 fixture; torchvision's MD5 check is bypassed (parsing stays real)."""
+    from torchvision import datasets
+    from torchvision.datasets import cifar
+
+    monkeypatch.setattr(datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+    return write_cifar_fixture(tmp_path / "cifar")

@@ -1,0 +1,92 @@
+"""Datasets: digits split, CIFAR on-disk format, batched augmentation vs torchvision."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from scipy.stats import chisquare
+
+from qgen_ray import load_dataset
+from qgen_ray.data import DATASETS, load_image_data
+from qgen_ray.data.augment import random_crop_flip
+from qgen_ray.errors import UserError
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    a, b = load_image_data("digits"), load_image_data("digits")
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.num_train + len(a.test_x) == 1797
+    assert a.train_x.dtype == torch.uint8 and a.train_x.shape[1:] == (1, 16, 16)
+    assert set(a.test_y.tolist()) == set(range(10))  # stratified: every class in test
+    flat = lambda x: {bytes(img.numpy().tobytes()) for img in x}  # noqa: E731
+    assert len(flat(a.train_x) & flat(a.test_x)) <= 2  # (the digits set has a few duplicates)
+
+
+def test_load_dataset_normalizes_like_evaluation():
+    ds = load_dataset("digits", "train")
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-2
+
+
+def test_cifar_reads_the_pickle_layout(cifar10_root):
+    data = load_image_data("cifar10", str(cifar10_root))
+    assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
+    assert data.num_classes == 10 and data.crop_padding == 4 and data.flip
+
+
+def test_cifar_missing_or_incomplete_folder_is_one_clear_error(tmp_path, cifar10_root):
+    with pytest.raises(UserError, match="--data-root"):
+        load_image_data("cifar10", None)
+    with pytest.raises(UserError, match="missing or incomplete"):
+        load_image_data("cifar10", str(tmp_path / "nowhere"))
+    (cifar10_root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    with pytest.raises(UserError, match="data_batch_3"):
+        load_image_data("cifar10", str(cifar10_root))
+
+
+def test_unknown_dataset_lists_valid_names():
+    with pytest.raises(UserError, match="cifar10, cifar100, digits"):
+        DATASETS.get("mnist")
+
+
+def _all_torchvision_outputs(img: torch.Tensor, pad: int) -> list[torch.Tensor]:
+    """Every image RandomCrop(padding=pad) + RandomHorizontalFlip can produce."""
+    h, w = img.shape[-2:]
+    padded = TF.pad(img, [pad])
+    outs = []
+    for dy, dx, flip in itertools.product(range(2 * pad + 1), range(2 * pad + 1), (0, 1)):
+        crop = padded[..., dy : dy + h, dx : dx + w]
+        outs.append(crop.flip(-1) if flip else crop)
+    return outs
+
+
+def _category(sample: torch.Tensor, outs: list[torch.Tensor]) -> int:
+    return next(i for i, o in enumerate(outs) if torch.equal(o, sample))
+
+
+def test_batched_crop_flip_matches_torchvision_in_distribution():
+    """Same support and the same (uniform) law over the 9x9x2 crop/flip outcomes."""
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g)
+    pad, n = 2, 5000
+    outs = _all_torchvision_outputs(img, pad)
+    assert len({o.numpy().tobytes() for o in outs}) == len(outs)  # outcomes distinguishable
+    ours = random_crop_flip(img.expand(n, -1, -1, -1), pad, True, g)
+    ours_counts = np.bincount([_category(s, outs) for s in ours], minlength=len(outs))
+    torch.manual_seed(0)
+    tv = T.Compose([T.RandomCrop(8, padding=pad), T.RandomHorizontalFlip()])
+    tv_counts = np.bincount([_category(tv(img), outs) for _ in range(n)], minlength=len(outs))
+    for counts in (ours_counts, tv_counts):
+        assert chisquare(counts).pvalue > 1e-3  # both uniform over the same outcomes
+    assert ours_counts.sum() == n
+
+
+def test_no_augmentation_path_is_identity():
+    data = load_image_data("digits")
+    x = data.train_x[:8]
+    assert data.augment(x) is x
