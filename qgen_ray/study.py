@@ -23,6 +23,29 @@ PAPER_PRECISIONS = (("fp32", 32), ("lsq", 8), ("lsq", 4), ("lsq", 2))
 NIN_LR_GRID = {"sgd": [0.1, 0.05, 0.01], "adam": [1e-3, 5e-4, 1e-4], "rmsprop": [1e-3, 5e-4, 1e-4]}
 
 
+def _check_names(specs) -> None:
+    """Unknown dataset, model, method or model option: one clear line before any work."""
+    from qgen_ray.data import DATASETS
+    from qgen_ray.models import model_options
+    from qgen_ray.quant import METHODS
+
+    seen = set()
+    for spec in specs:
+        key = (spec.dataset, spec.model, spec.method, tuple(sorted(spec.model_arguments)))
+        if key in seen:
+            continue
+        seen.add(key)
+        DATASETS.get(spec.dataset)
+        METHODS.get(spec.method)
+        valid = model_options(spec.model)
+        unknown = sorted(set(spec.model_arguments) - set(valid))
+        if unknown:
+            raise UserError(
+                f"model {spec.model!r} has no option {unknown[0]!r}; valid: "
+                f"{', '.join(sorted(valid)) or 'none'} (set width/depth only for nin)"
+            )
+
+
 @dataclass(frozen=True)
 class Study:
     """What a study trains: dataset, model family, grid, precisions, protocol, resources."""
@@ -59,6 +82,8 @@ class Study:
             if key == "lr" and isinstance(values, dict):
                 if max(len(v) for v in values.values()) > 1:
                     out.append("lr_rank")
+                if "optimizer" not in self.grid and len(values) > 1:
+                    out.append("optimizer")
             elif len(values) > 1:
                 out.append(key)
         if len({bits for _, bits in self.precisions}) > 1:
@@ -105,6 +130,7 @@ class Study:
                         fields_["lr"] = lr
                         extra["lr_rank"] = rank
                     out.append((TrainSpec.from_dict(fields_), extra))
+        _check_names(spec for spec, _ in out)
         ids = [s.model_id for s, _ in out]
         if len(set(ids)) != len(ids):
             raise UserError(f"study {self.name!r} lists the same model twice; remove repeated values")

@@ -140,6 +140,8 @@ def test_policy_default_none_and_named_layers():
     assert [row["bits"] for row in step_sizes(named)] == [2, 2, 6]
     assert QuantPolicy.from_dict(json.loads(json.dumps(policy.to_dict()))) == policy
     assert QuantPolicy.from_dict({}) == QuantPolicy()
+    assert QuantPolicy.from_name("first_last_8bit") == QuantPolicy()
+    assert QuantPolicy.from_name("none") == QuantPolicy.none()
 
 
 @pytest.mark.parametrize(
@@ -154,6 +156,7 @@ def test_policy_default_none_and_named_layers():
         (lambda m: quantize_model(nn.Linear(2, 2), 4), "container"),
         (lambda m: QuantPolicy(first_last_bits=16), "2..8 or 32"),
         (lambda m: QuantPolicy.from_dict({"first_last": 8}), "valid keys"),
+        (lambda m: QuantPolicy.from_name("lsq"), "first_last_8bit, none"),
     ],
 )
 def test_bad_input_is_one_clear_user_error(call, fragment):
@@ -275,3 +278,13 @@ def test_helpers_see_through_data_parallel_and_deepcopy():
     assert copy.deepcopy(model).qgen_quant == model.qgen_quant
     with pytest.raises(UserError, match="before DDP"):
         quantize_model(nn.DataParallel(small_cnn()), 4)
+
+
+def test_numpy_integer_bits_from_a_dataframe_are_accepted():
+    import numpy as np
+
+    model = quantize_model(
+        small_cnn(), np.int64(4), "lsq", QuantPolicy(layer_bits={"3": np.int64(2)})
+    )
+    assert json.loads(json.dumps(model.qgen_quant))["layers"] == {"0": 8, "3": 2, "7": 4, "9": 8}
+    assert quantize_model(small_cnn(), np.int64(32)).qgen_quant["bits"] == 32

@@ -30,25 +30,27 @@ from qgen_ray.analysis.tables import GAPS, tables_for
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 
-# What each absent follow-up table leaves out of the report, and how to produce it.
+# Per follow-up table: what its absence is called and what it leaves out of the report.
 MISSING = {
-    "measures": "no measures yet: Tables 2-3 and the correlation tables are left out "
-    "(run the measures job)",
-    "corruptions": "no corruptions: Tables 4-6 are left out (run the corruption job)",
-    "landscapes": "no landscapes: Figure 2 is left out (run the landscape job)",
-    "steps": "no learned step sizes: Figure 1 is left out",
-    "history": "no training history: the training curves are left out",
+    "measures": (
+        "no measures yet",
+        "Tables 2-3 and the correlation tables are left out; run the measures job",
+    ),
+    "corruptions": ("no corruptions", "Tables 4-6 are left out; run the corruption job"),
+    "landscapes": ("no landscapes", "Figure 2 is left out; run the landscape job"),
+    "steps": ("no learned step sizes", "Figure 1 is left out"),
+    "history": ("no training history", "the training curves are left out"),
 }
 
 
 def _missing(study: Study) -> list[str]:
     items = list(study.notes)
-    for name, why in MISSING.items():
-        table = getattr(study, name)
-        if table is None or not len(table):
-            items.append(f"{why} ({OPTIONAL_TABLES[name]} absent or empty)")
+    for name, (what, consequence) in MISSING.items():
+        if not study.has(name):
+            file = OPTIONAL_TABLES[name]
+            items.append(f"{what} ({file} absent or without finished models): {consequence}")
     if not len(study.ok):
-        items.append("no model has status ok yet: every table below is empty")
+        items.append("no model has status ok yet: only the trial counts are reported")
     return items
 
 
@@ -153,8 +155,7 @@ def _figure_blocks(study: Study, out_dir: Path) -> list[Block]:
         ("landscapes", figures.figure_landscapes),
         ("history", figures.figure_training_curves),
     ):
-        table = getattr(study, name)
-        if table is not None and len(table):
+        if study.has(name):
             drawn += draw(study, out_dir)
     if not drawn:
         return []
@@ -175,6 +176,8 @@ def report_blocks(study: Study, out_dir: Path) -> list[Block]:
     missing = _missing(study)
     if missing:
         blocks += [Heading("Missing"), Bullets(missing)]
+    if not len(study.ok):
+        return blocks
     blocks += [
         Heading("Table 1: accuracy, loss and generalization gap per precision"),
         Table(

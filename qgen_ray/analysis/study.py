@@ -52,6 +52,11 @@ class Study:
         """The finished models (status == "ok"): the only ones analysed."""
         return self.trials[self.trials["status"] == schema.STATUS_OK]
 
+    def has(self, name: str) -> bool:
+        """Whether the optional table `name` ("measures", ...) has rows for an ok model."""
+        table = getattr(self, name)
+        return table is not None and bool(table["model_id"].isin(self.ok["model_id"]).any())
+
     def joined(self, table: pd.DataFrame) -> pd.DataFrame:
         """`table` restricted to ok models, with their hyperparameters and precision."""
         keys = [c for c in [*schema.HPARAM_COLUMNS, "precision"] if c in self.ok.columns]

@@ -32,8 +32,8 @@ def _trials(rng: np.random.Generator) -> pd.DataFrame:
         quant = {32: 0.0, 8: 0.01, 4: 0.08, 2: 0.3}[bits]
         train_loss = 0.05 + quant + 0.02 * width / 10 + abs(rng.normal(0, 0.01))
         test_loss = 0.5 + 0.1 * (lr in (0.01, 1e-4)) + rng.normal(0, 0.02)
-        train_acc = 1.0 - train_loss / 3
-        test_acc = 1.0 - test_loss / 3
+        train_acc = 1.0 - train_loss / 3 - abs(rng.normal(0, 0.01))
+        test_acc = 1.0 - test_loss / 3 + rng.normal(0, 0.01)
         rows.append(
             dict(
                 dataset="synthetic",

@@ -39,6 +39,8 @@ BY_PRECISION = [*POPULATION_KEYS, "precision"]
 TABLE1_COLUMNS = ["train_acc", "test_acc", "train_loss", "test_loss", "gap_loss", "gap_acc"]
 GAPS = ["gap_loss", "gap_acc"]
 WEIGHT_NORM = "weight_norm"
+# The columns a correlation table always has (psi_/groups_/dropped_<axis> come per axis).
+CORRELATION_COLUMNS = [*POPULATION_KEYS, "measure", "n", "tau", "tau_b", "Psi"]
 
 
 def status_table(study: Study) -> pd.DataFrame:
@@ -116,7 +118,7 @@ def correlation_table(study: Study, gap: str) -> pd.DataFrame:
             defined = [r.psi for r in by_axis.values() if not math.isnan(r.psi)]
             row["Psi"] = sum(defined) / len(defined) if defined else math.nan
             rows.append(row)
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows, columns=None if rows else CORRELATION_COLUMNS)
     out.attrs["notes"] = notes
     return out
 
@@ -149,13 +151,13 @@ def table6(study: Study) -> pd.DataFrame:
 def tables_for(study: Study) -> dict[str, pd.DataFrame]:
     """Every table whose inputs `study` has, in report order."""
     tables = {"status": status_table(study), "table1": table1(study)}
-    if study.measures is not None and len(study.measures):
+    if study.has("measures"):
         tables["table2"] = table2(study)
         tables["table3"] = table3(study)
         tables["orientation"] = orientation_table(list(measure_frame(study.measures).columns))
         for gap in GAPS:
             tables[f"correlation_{gap}"] = correlation_table(study, gap)
-    if study.corruptions is not None and len(study.corruptions):
+    if study.has("corruptions"):
         tables.update(table4=table4(study), table5=table5(study), table6=table6(study))
     return tables
 

@@ -7,6 +7,8 @@ A quantized layer (`qgen_ray.quant.layers`) owns one of these as `weight_quantiz
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -23,14 +25,22 @@ PARAM_BITS = 32  # storage cost of one step size or codebook entry (a float32)
 STEP_EPS = 2.0**-26
 
 
+def as_int(value: object) -> int | None:
+    """`value` as a Python int if it is an integer (numpy integers too, bools not), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def check_bits(bits: int) -> int:
-    """Return `bits` if it is a quantized bit width (2..8), else raise a UserError."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    """Return `bits` as an int if it is a quantized bit width (2..8), else raise a UserError."""
+    value = as_int(bits)
+    if value is None or not MIN_BITS <= value <= MAX_BITS:
         raise UserError(
             f"bits={bits!r} is not a quantized bit width; use an integer in "
             f"{MIN_BITS}..{MAX_BITS} (or {FP32_BITS} with method 'fp32')"
         )
-    return bits
+    return value
 
 
 class WeightQuantizer(nn.Module):

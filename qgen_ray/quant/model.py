@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qgen_ray.errors import UserError
-from qgen_ray.quant.base import FP32_BITS, PARAM_BITS, WeightQuantizer, check_bits
+from qgen_ray.quant.base import FP32_BITS, PARAM_BITS, WeightQuantizer, as_int, check_bits
 from qgen_ray.quant.layers import (
     FLOAT_LAYER_TYPES,
     QuantizedLayer,
@@ -59,7 +59,8 @@ def float_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
-def _check_request(model: nn.Module, bits: int, method: str) -> None:
+def _check_request(model: nn.Module, bits: int, method: str) -> int:
+    """Validate a quantize_model call; return `bits` as a Python int."""
     METHODS.get(method)  # unknown method: UserError listing the valid ones
     if unwrap(model) is not model:
         raise UserError("quantize_model got a wrapped model; quantize before DDP/compile")
@@ -68,12 +69,11 @@ def _check_request(model: nn.Module, bits: int, method: str) -> None:
             f"model was already passed through quantize_model ({getattr(model, QUANT_ATTR)}); "
             "build a fresh model"
         )
-    if method == "fp32" and bits != FP32_BITS:
+    if method == "fp32" and as_int(bits) != FP32_BITS:
         raise UserError(f"method 'fp32' needs bits={FP32_BITS}, got bits={bits!r}")
-    if bits != FP32_BITS:
-        check_bits(bits)
     if isinstance(model, FLOAT_LAYER_TYPES):
         raise UserError("quantize_model needs a container module; wrap the layer in Sequential")
+    return FP32_BITS if as_int(bits) == FP32_BITS else check_bits(bits)
 
 
 def quantize_model(
@@ -85,10 +85,11 @@ def quantize_model(
     layers untouched; method "fp32" with other bits is an error). method: a METHODS name.
     policy: per-layer precision (default `QuantPolicy()`: first and last layer at 8 bits).
     """
-    _check_request(model, bits, method)
+    bits = _check_request(model, bits, method)
     policy = policy or QuantPolicy()
     if bits == FP32_BITS:
-        setattr(model, QUANT_ATTR, {"bits": FP32_BITS, "method": "fp32", "policy": None})
+        record = {"bits": FP32_BITS, "method": "fp32", "policy": None, "layers": {}}
+        setattr(model, QUANT_ATTR, record)
         return model
     make_quantizer = METHODS.get(method).make_quantizer
     layers = float_layers(model)

@@ -9,7 +9,8 @@ conv / patch embedding and the classifier head). A layer's bit width is, by prio
 3. the model's `bits` otherwise.
 
 `QuantPolicy()` is the LSQ convention (Esser et al. 2020, Sec. 3): first and last layer at
-8 bits. `QuantPolicy.none()` quantizes every layer at the model's `bits`.
+8 bits. `QuantPolicy.none()` quantizes every layer at the model's `bits`. Specs name them
+"first_last_8bit" and "none" (`QuantPolicy.from_name`).
 """
 
 from __future__ import annotations
@@ -19,19 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qgen_ray.errors import UserError
-from qgen_ray.quant.base import FP32_BITS, MAX_BITS, MIN_BITS
+from qgen_ray.quant.base import FP32_BITS, MAX_BITS, MIN_BITS, as_int
 
 LSQ_FIRST_LAST_BITS = 8  # LSQ keeps the first and last layer at 8 bits
 
 
 def _check_layer_bits(bits: Any, what: str) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        bits = -1
-    if not (MIN_BITS <= bits <= MAX_BITS or bits == FP32_BITS):
+    value = as_int(bits)
+    if value is None or not (MIN_BITS <= value <= MAX_BITS or value == FP32_BITS):
         raise UserError(
             f"{what} must be an integer in {MIN_BITS}..{MAX_BITS} or {FP32_BITS} (FP32)"
         )
-    return bits
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,26 @@ class QuantPolicy:
 
     def __post_init__(self) -> None:
         if self.first_last_bits is not None:
-            _check_layer_bits(self.first_last_bits, "QuantPolicy.first_last_bits")
-        pairs = dict(self.layer_bits)
-        for name, bits in pairs.items():
-            _check_layer_bits(bits, f"QuantPolicy.layer_bits[{name!r}]")
+            bits = _check_layer_bits(self.first_last_bits, "QuantPolicy.first_last_bits")
+            object.__setattr__(self, "first_last_bits", bits)
+        pairs = {
+            str(name): _check_layer_bits(bits, f"QuantPolicy.layer_bits[{name!r}]")
+            for name, bits in dict(self.layer_bits).items()
+        }
         object.__setattr__(self, "layer_bits", tuple(sorted(pairs.items())))
 
     @classmethod
     def none(cls) -> QuantPolicy:
         """Every quantizable layer at the model's bits."""
         return cls(first_last_bits=None)
+
+    @classmethod
+    def from_name(cls, name: str) -> QuantPolicy:
+        """The preset called `name`: "first_last_8bit" (LSQ, the default) or "none"."""
+        presets = {"first_last_8bit": cls(), "none": cls.none()}
+        if name not in presets:
+            raise UserError(f"unknown quant policy {name!r}; valid names: {', '.join(presets)}")
+        return presets[name]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable form; `QuantPolicy.from_dict` inverts it."""

@@ -19,9 +19,12 @@ from torch import nn
 from qgen_ray.quant.base import PARAM_BITS, WeightQuantizer
 
 # Weight lambda of the clustering penalty. Ours (the abstract gives no value): R_l is a mean
-# over the layer, so its per-weight pull is 2 * lambda * (w - c) / N_l; lambda = 1 pulls a
-# layer of N_l ~ 1e4 weights about as hard as a weight decay of 2e-4, and does not move the
-# training loss of our small CIFAR/digits runs noticeably. Applied at every step (no ramp).
+# over the layer, so its per-weight pull is 2 * lambda * (w - c) / N_l. Measured on sklearn
+# digits (MLP 64-128-128-10, every layer at 2 bits, 30 epochs SGD 0.1): accuracy drop at
+# the snap 0.13 with lambda = 0, 0.01-0.03 with lambda = 1 (3 seeds), ~0.02 with 3 or 10;
+# lambda = 100 collapsed weights and codebook together (chance accuracy). Applied at every
+# step, no ramp. Larger layers feel a weaker pull: raise it (quant_regularizer's `weight`)
+# for models whose layers are much larger than ~1e4 weights.
 QAR_LAMBDA = 1.0
 
 

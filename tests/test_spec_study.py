@@ -1,0 +1,59 @@
+"""TrainSpec ids and study grids: stable ids, the paper's grid sizes, bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from qgen_ray.errors import UserError
+from qgen_ray.spec import TrainSpec
+from qgen_ray.study import NIN_LR_GRID, Study
+
+
+def test_model_id_is_stable_and_depends_only_on_science():
+    a = TrainSpec(dataset="digits", model="nin", width=1, depth=2)
+    b = TrainSpec.from_dict(a.to_dict())
+    assert a.model_id == b.model_id and len(a.model_id) == 16
+    assert TrainSpec(dataset="digits", model="nin", width=2, depth=2).model_id != a.model_id
+
+
+def test_spec_rejects_impossible_precisions():
+    with pytest.raises(UserError, match="bits=32"):
+        TrainSpec(dataset="digits", model="nin", bits=4, method="fp32")
+    with pytest.raises(UserError, match="outside 2..8"):
+        TrainSpec(dataset="digits", model="nin", bits=1, method="lsq")
+    with pytest.raises(UserError, match="sgd, adam, rmsprop"):
+        TrainSpec(dataset="digits", model="nin", optimizer="lamb")
+
+
+def _nin_study(depths=(2, 3, 4)) -> Study:
+    return Study(
+        name="x",
+        dataset="cifar10",
+        model="nin",
+        grid={"lr": NIN_LR_GRID, "weight_decay": [0.0, 1e-4, 2e-4], "width": [8, 10, 12],
+              "depth": list(depths)},
+    )
+
+
+def test_paper_nin_grid_has_243_models_per_precision():
+    plan = _nin_study().plan()
+    assert len(plan) == 972
+    per_bits = {}
+    for spec, extra in plan:
+        per_bits[spec.bits] = per_bits.get(spec.bits, 0) + 1
+        assert spec.lr == NIN_LR_GRID[spec.optimizer][extra["lr_rank"]]
+    assert per_bits == {32: 243, 8: 243, 4: 243, 2: 243}
+    assert len({s.model_id for s, _ in plan}) == 972
+    assert _nin_study().axes == ["lr_rank", "optimizer", "weight_decay", "width", "depth", "bits"]
+
+
+def test_unknown_hyperparameter_is_one_clear_error():
+    study = Study(name="x", dataset="digits", model="nin", grid={"widht": [1]})
+    with pytest.raises(UserError, match="unknown hyperparameter.*widht"):
+        study.plan()
+
+
+def test_smoke_is_a_corner_of_the_grid():
+    study = Study(name="x", dataset="digits", model="nin", grid={"width": [1, 2, 3]},
+                  smoke_grid={"width": [1]}, smoke_protocol={"epochs": 1})
+    assert len(study.smoke().plan()) == 4 and all(s.epochs == 1 for s in study.smoke().specs())

@@ -1,0 +1,120 @@
+"""Study scripts end to end through a real local Ray: smoke run, kill and resume, bad input.
+
+These start Ray (~15-30 s each on 2 cores), so they are marked slow; `make test` runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from qgen_ray import schema
+from qgen_ray.study import Study
+from qgen_ray.study_cli import main
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
+
+
+def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def test_demo_smoke_trains_every_precision(tmp_path):
+    out = _run(["studies/demo.py", "--smoke", "--storage", str(tmp_path), "--stages", "train"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "demo-smoke" / schema.TRIALS)
+    assert sorted(trials["bits"]) == [2, 4, 8, 32]
+    assert (trials["status"] == "ok").all() and trials["model_id"].is_unique
+    assert "trials:" in out.stdout and "done 4/4" in out.stdout  # the progress line
+    history = pd.read_parquet(tmp_path / "demo-smoke" / schema.HISTORY)
+    assert len(history) == 4 * 2  # two epochs per model
+    tb = list((tmp_path / "demo-smoke" / "tune").rglob("events.out.tfevents*"))
+    assert len(tb) >= 4  # TensorBoard files for every trial
+
+
+RESUME_SCRIPT = """
+from qgen_ray.study import Study
+from qgen_ray.study_cli import main
+main(Study(name="resume", dataset="digits", model="nin",
+           grid={{"width": [1, 2], "depth": [2]}},
+           precisions=(("fp32", 32), ("lsq", 4)),
+           protocol={{"epochs": {epochs}, "batch_size": 128, "milestones": (100,),
+                      "augment": False}}))
+"""
+
+
+def test_killed_study_resumes_without_retraining(tmp_path):
+    script = tmp_path / "resume_study.py"
+    script.write_text(textwrap.dedent(RESUME_SCRIPT.format(epochs=40)))
+    study = tmp_path / "store" / "resume"
+    cmd = [sys.executable, str(script), "--storage", str(tmp_path / "store"), "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:  # kill once one model is done and another has begun
+            done = list(study.glob("trials/*/result.json"))
+            started = [p for p in study.glob("trials/*/last.pt")
+                       if not (p.parent / "result.json").exists()]
+            if done and started:
+                break
+            assert proc.poll() is None, "the study ended before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("no model finished within the deadline")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    before = {p.parent.name: p.read_text() for p in study.glob("trials/*/result.json")}
+    assert 1 <= len(before) < 4
+    out = _run([str(script), "--storage", str(tmp_path / "store"), "--quiet"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"{len(before)} already done" in out.stdout
+    trials = pd.read_parquet(study / schema.TRIALS)
+    assert len(trials) == 4 and trials["model_id"].is_unique and (trials["status"] == "ok").all()
+    for mid, text in before.items():  # finished models were not retrained
+        assert (study / "trials" / mid / "result.json").read_text() == text
+    history = pd.read_parquet(study / schema.HISTORY)
+    assert (history.groupby("model_id")["epoch"].apply(list) == [list(range(1, 41))] * 4).all()
+
+
+def _bad(argv, study: Study, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(study, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: ")  # one line, no traceback
+    return err
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(tmp_path, capsys):
+    store = tmp_path / "store"
+    (store / "x").mkdir(parents=True)
+    (store / "x" / schema.TRIALS).write_bytes(b"precious")
+    ok = dict(name="x", dataset="digits", model="nin", grid={"width": [1]})
+    argv = ["--storage", str(store)]
+    assert "widht" in _bad(argv, Study(**{**ok, "grid": {"widht": [1]}}), capsys)
+    assert "valid names" in _bad(argv, Study(**{**ok, "model": "nin9"}), capsys)
+    assert "valid names" in _bad(argv, Study(**{**ok, "dataset": "mnist"}), capsys)
+    cifar = Study(**{**ok, "dataset": "cifar10"})
+    assert "--data-root" in _bad([*argv, "--data-root", str(tmp_path / "none")], cifar, capsys)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert "cannot write" in _bad(["--storage", str(blocker / "sub")], Study(**ok), capsys)
+    assert (store / "x" / schema.TRIALS).read_bytes() == b"precious"
+
+
+def test_study_script_bad_flag_value_exits_2():
+    out = _run(["studies/demo.py", "--smoke", "--cpus-per-trial", "0", "--storage", "/tmp/q"])
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr

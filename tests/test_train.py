@@ -1,0 +1,77 @@
+"""The Ray-free training function: seeded, resumable, honest about divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from qgen_ray import load_model, schema
+from qgen_ray.collect import collect
+from qgen_ray.data import load_image_data
+from qgen_ray.spec import TrainSpec
+from qgen_ray.store import StudyStore
+from qgen_ray.train import evaluate, train
+
+METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "gap_acc", "best_epoch"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    torch.set_num_threads(1)
+    data = load_image_data("digits")
+    # a quarter of the digits keeps these tests fast; the code path is the full one
+    data.train_x, data.train_y = data.train_x[:320], data.train_y[:320]
+    return data
+
+
+def _spec(**kw) -> TrainSpec:
+    base = dict(dataset="digits", model="nin", width=1, depth=2, epochs=4, batch_size=64,
+                milestones=(2,), lr=0.05, method="lsq", bits=4)
+    return TrainSpec(**{**base, **kw})
+
+
+def test_same_spec_same_numbers_and_gaps_are_consistent(digits):
+    a, b = train(_spec(), digits), train(_spec(), digits)
+    assert [a[k] for k in METRICS] == [b[k] for k in METRICS]
+    assert a["status"] == "ok" and a["epochs_run"] == 4
+    assert math.isclose(a["gap_loss"], a["test_loss"] - a["train_loss"])
+    assert math.isclose(a["gap_acc"], a["train_acc"] - a["test_acc"])
+    best = min(a["history"], key=lambda h: h["train_loss"])
+    assert a["best_epoch"] == best["epoch"]  # kept epoch = lowest training loss
+    assert train(_spec(seed=1), digits)["train_loss"] != a["train_loss"]
+
+
+def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
+    store = StudyStore(str(tmp_path / "s"))
+    spec = _spec(optimizer="adam", lr=1e-3)
+    straight = train(spec, digits)
+    trial = store.trial(spec.model_id)
+    train(TrainSpec.from_dict({**spec.to_dict(), "epochs": 2}), digits, trial)  # "killed" at 2
+    ckpt = trial.load(schema.LAST_CKPT)
+    assert ckpt["epoch"] == 2
+    resumed = train(spec, digits, trial)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    for k in METRICS:
+        assert resumed[k] == pytest.approx(straight[k], rel=1e-5, abs=1e-6), k
+
+
+def test_non_finite_loss_marks_the_run_diverged(digits):
+    result = train(_spec(method="fp32", bits=32, optimizer="sgd", lr=1e12), digits)
+    assert result["status"] == "diverged" and "non-finite" in result["reason"]
+
+
+def test_store_round_trip_gives_the_trained_model(digits, tmp_path):
+    store = StudyStore(str(tmp_path / "s"))
+    spec = _spec(bits=2, epochs=2)
+    trial = store.trial(spec.model_id)
+    result = train(spec, digits, trial)
+    trial.write_result(result)
+    trials = collect(store)
+    assert trials.loc[0, "model_id"] == spec.model_id and trials.loc[0, "status"] == "ok"
+    model = load_model(store.uri, spec.model_id)
+    loss, acc = evaluate(model, digits.test_x, digits.test_y, digits.normalize)
+    assert loss == pytest.approx(result["test_loss"], rel=1e-5) and acc == result["test_acc"]
+    init = load_model(store.uri, spec.model_id, which="init")
+    assert not torch.equal(next(init.parameters()), next(model.parameters()))
