@@ -6,6 +6,7 @@
     qgen corrupt <study_dir> [--corruptions ...] [--severities ...] [--corrupt-root DIR]
     qgen landscape <study_dir> [--models ID ...] [--steps N]
     qgen report <study_dir>
+    qgen cluster-check [cluster.yaml]        Ray's schema + security rules, offline
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--steps", type=int, default=51, help="grid points per axis (paper 51)")
     _common(sub.add_parser("report", help="report.md / report.html with tables and figures"),
             gpu_flag=False)
+    cc = sub.add_parser("cluster-check", help="check a `ray up` config offline before using it")
+    cc.add_argument("config", nargs="?", default="cluster.yaml", help="default ./cluster.yaml")
     return p
 
 
@@ -80,6 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     from qgen_ray.store import StudyStore
 
     args = build_parser().parse_args(argv)
+    if args.command == "cluster-check":
+        from qgen_ray.cluster import cluster_check
+
+        print(cluster_check(args.config))
+        return
     store = StudyStore(args.study_dir)
     common = {}
     if hasattr(args, "gpus_per_task"):

@@ -14,7 +14,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 from qgen_ray.errors import UserError
 
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
+OPTIMIZERS = ("sgd", "adam", "rmsprop", "adamw")
+LR_SCHEDULES = ("multistep", "cosine")  # see qgen_ray.train.loop.make_scheduler
+
+# Fields added after the first studies were run: hashed into `model_id` only when set away
+# from this default, so every id computed before they existed stays valid.
+LATE_FIELD_DEFAULTS = {"lr_schedule": "multistep", "image_size": None}
 
 
 @dataclass(frozen=True)
@@ -23,7 +28,7 @@ class TrainSpec:
 
     dataset: str  # data registry name ("digits", "cifar10", "cifar100", "imagenet")
     model: str  # model registry name ("nin", "resnet18_cifar", ...)
-    optimizer: str = "sgd"  # "sgd" (momentum 0.9) | "adam" | "rmsprop"
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9) | "adam" | "rmsprop" | "adamw" (ViTs)
     lr: float = 0.1  # initial learning rate
     weight_decay: float = 0.0  # L2 coefficient on weights (never on quantizer steps)
     width: int | None = None  # NiN width multiplier: 25 * width channels per block
@@ -39,6 +44,9 @@ class TrainSpec:
     seed: int = 0  # weights init, batch order and augmentation
     model_kwargs: tuple[tuple[str, object], ...] = ()  # extra model arguments, sorted pairs
     quant_policy: str = "first_last_8bit"  # qgen_ray.quant.QuantPolicy name
+    lr_schedule: str = "multistep"  # "multistep" (milestones, gamma) | "cosine" (to 0 at epochs)
+    image_size: int | None = None  # input side in pixels for on-disk datasets (ImageFolder
+    # crops); None = the dataset's own size (digits, CIFAR)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -52,13 +60,25 @@ class TrainSpec:
                 f"bits={self.bits} is outside 2..8 for method {self.method!r}; "
                 "use 2..8, or bits=32 with method 'fp32'"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(
+                f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}"
+            )
+        if self.image_size is not None and self.image_size < 1:
+            raise UserError(f"image_size must be a positive pixel count, got {self.image_size}")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("epochs and batch_size must be positive integers")
 
     @property
     def model_id(self) -> str:
-        """Stable 16-hex-digit hash of every field (all fields are scientific)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        """Stable 16-hex-digit hash of every field (all fields are scientific); a field of
+        `LATE_FIELD_DEFAULTS` counts only when it differs from its default."""
+        d = {
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in LATE_FIELD_DEFAULTS or v != LATE_FIELD_DEFAULTS[k]
+        }
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property

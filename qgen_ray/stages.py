@@ -63,14 +63,14 @@ def measure_study(
 ) -> str:
     """Sharpness / PAC-Bayes measures of every ok model -> measures.parquet."""
     from qgen_ray.fanout import fan_out
-    from qgen_ray.measures import MEASURES, MODES
+    from qgen_ray.measures import MEASURES, PROTOCOLS
     from qgen_ray.tune_runner import init_ray
 
     names = measures or MEASURES.names()
     for name in names:
         MEASURES.get(name)
-    if mode not in MODES:
-        raise UserError(f"unknown measure mode {mode!r}; valid: {', '.join(MODES)}")
+    if mode not in PROTOCOLS:
+        raise UserError(f"unknown measure mode {mode!r}; valid: {', '.join(PROTOCOLS)}")
     trials = _ok_trials(store)
     done = store.read_table(schema.MEASURES)
     have = set() if done is None else set(zip(done["model_id"], done["measure"]))

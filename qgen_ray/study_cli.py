@@ -10,7 +10,6 @@ continue from their last checkpoint, failed ones are retried.
 from __future__ import annotations
 
 import argparse
-import time
 
 from qgen_ray import schema
 from qgen_ray.errors import UserError, exit_on_user_error
@@ -48,6 +47,15 @@ def parser(study: Study) -> argparse.ArgumentParser:
     return p
 
 
+def _provenance() -> dict:
+    from datetime import datetime, timezone
+
+    from qgen_ray.provenance import provenance
+
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return {"created_at": now, "provenance": provenance()}
+
+
 def run(study: Study, args: argparse.Namespace) -> dict:
     """Run the study's stages; return {stage: output path}."""
     from qgen_ray.data import load_image_data
@@ -71,7 +79,10 @@ def run(study: Study, args: argparse.Namespace) -> dict:
         from qgen_ray.collect import collect
 
         data = load_image_data(study.dataset, args.data_root, args.download)
-        store.write_json(schema.STUDY_JSON, {**study.describe(), "created_at": time.time()})
+        record = {**study.describe(), **_provenance()}
+        if store.exists(schema.STUDY_JSON):  # a re-run keeps the study's creation time
+            record["created_at"] = store.read_json(schema.STUDY_JSON).get("created_at")
+        store.write_json(schema.STUDY_JSON, record)
         done = tune_runner.finished_ids(store)
         pending = [(s, e) for s, e in plan if s.model_id not in done]
         print(f"[{study.name}] {len(plan)} models planned, {len(plan) - len(pending)} already "

@@ -30,15 +30,43 @@ MAX_FAILURES = 3  # Tune retries of a trial whose worker process died (not code 
 PROGRESS_EVERY_S = 15.0  # seconds between progress lines while nothing completes
 
 
+DASHBOARD_HOST_ENV = "QGEN_DASHBOARD_HOST"  # opt-in host for a local Ray's dashboard
+
+
+def ray_init_kwargs(address: str | None) -> dict:
+    """`ray.init` arguments. A new local instance binds its dashboard to 127.0.0.1 unless
+    the user opts in with QGEN_DASHBOARD_HOST (e.g. 0.0.0.0 on a trusted network)."""
+    kwargs = {"logging_level": "WARNING", "configure_logging": True}
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        kwargs["dashboard_host"] = os.environ.get(DASHBOARD_HOST_ENV) or "127.0.0.1"
+    return kwargs
+
+
+# Ray Tune copies these from the driver's environment into every trial actor's runtime
+# env (ray/tune/execution/class_cache.py), and Ray's runtime-env agent logs runtime envs
+# verbatim (runtime_env_agent.log): the keys would be written into the cluster's logs.
+# Workers get credentials from their own environment or IAM instance profile instead.
+CLOUD_KEYS_NOT_PROPAGATED = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN",
+)  # fmt: skip
+
+
+def keep_cloud_keys_out_of_logs() -> None:
+    """Stop Ray Tune from copying cloud keys into trial runtime envs (and so into logs)."""
+    from ray.tune.execution import class_cache
+
+    propagated = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if isinstance(propagated, set):
+        propagated.difference_update(CLOUD_KEYS_NOT_PROPAGATED)
+
+
 def init_ray(address: str | None) -> None:
     """Connect to `address` (a cluster; "auto" on a head node); otherwise start a local
     instance (inside `ray job submit`, Ray's own RAY_ADDRESS makes this connect)."""
+    keep_cloud_keys_out_of_logs()
     if ray.is_initialized():
         return
-    kwargs = {"logging_level": "WARNING", "configure_logging": True}
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        kwargs["dashboard_host"] = "127.0.0.1"  # the dashboard stays private by default
-    ray.init(address=address, **kwargs)
+    ray.init(address=address, **ray_init_kwargs(address))
 
 
 def failed_result(spec: TrainSpec, err: BaseException) -> dict:
@@ -75,41 +103,62 @@ def run_trial(config: dict, data: ImageData) -> None:
 
 
 class ProgressLine(tune.Callback):
-    """One console line: done / running / failed / ETA (the store has the details)."""
+    """One console line: done / failed / retried / running / ETA (the store has details).
 
-    def __init__(self, study: str, total: int, already: int):
-        self.study, self.total, self.already = study, total, already
-        self.done = self.errored = 0
+    A trial whose code raised ends normally in Tune and is recorded `failed` in the store,
+    so with `store` each completion is classified from its result.json. A trial whose
+    process died is retried by Tune (`retried`) and counts as failed only when Tune gives
+    up. `done` counts models that need no more training (ok or diverged).
+    """
+
+    def __init__(self, study: str, total: int, already: int, store: StudyStore | None = None):
+        self.study, self.total, self.already, self.store = study, total, already, store
+        self.done = self.failed = self.retried = 0
         self.start = time.time()
         self.last_print = 0.0
 
-    def _print(self, trials, force: bool = False) -> None:
+    def _print(self, trials, force: bool = False, ended=None) -> None:
         now = time.time()
         if not force and now - self.last_print < PROGRESS_EVERY_S:
             return
         self.last_print = now
-        running = sum(t.status == "RUNNING" for t in trials)
-        finished = self.done + self.errored
+        running = sum(t.status == "RUNNING" and t is not ended for t in trials)
+        finished = self.done + self.failed
         left = self.total - finished
         eta = (now - self.start) / finished * left if finished else float("nan")
         eta_txt = "?" if eta != eta else f"{int(eta // 60)}m{int(eta % 60):02d}s"
         print(
-            f"[{self.study}] done {self.already + finished}/{self.already + self.total} "
-            f"(this run {finished}/{self.total}, errored {self.errored}) "
+            f"[{self.study}] done {self.already + self.done}/{self.already + self.total} "
+            f"(this run {finished}/{self.total}, failed {self.failed}, retried {self.retried}) "
             f"running {running}  elapsed {int(now - self.start)}s  ETA {eta_txt}",
             flush=True,
         )
+
+    def _status(self, trial) -> str:
+        if self.store is None:
+            return schema.STATUS_OK
+        try:
+            return self.store.trial(trial.config["trial"]["model_id"]).read_result()["status"]
+        except (OSError, KeyError, ValueError):
+            return schema.STATUS_FAILED  # ended without a readable result
 
     def on_step_end(self, iteration, trials, **info):
         self._print(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
+        if self._status(trial) == schema.STATUS_FAILED:
+            self.failed += 1
+        else:
+            self.done += 1
+        self._print(trials, force=True, ended=trial)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.retried += 1
         self._print(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.errored += 1
-        self._print(trials, force=True)
+        self.failed += 1
+        self._print(trials, force=True, ended=trial)
 
 
 def tune_storage(store: StudyStore) -> str:
@@ -143,7 +192,7 @@ def run_training(
         }
         for spec, extra in pending
     ]
-    callbacks = [ProgressLine(store.name, len(configs), already_done)] if progress else []
+    callbacks = [ProgressLine(store.name, len(configs), already_done, store)] if progress else []
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(configs)},

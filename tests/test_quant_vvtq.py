@@ -109,7 +109,7 @@ def test_qkv_steps_get_gradients_scaled_per_third():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_mse_init_is_a_fixed_point_with_lower_error_than_lsq_init(bits):
+def test_mse_init_is_a_fixed_point_with_lower_error_than_its_start_and_lsq_init(bits):
     w = torch.randn(4096, generator=torch.Generator().manual_seed(bits)) * 0.02
     Qn, Qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
 
@@ -120,6 +120,7 @@ def test_mse_init_is_a_fixed_point_with_lower_error_than_lsq_init(bits):
     q = torch.round(w * (1.0 / s)).clamp(-Qn, Qp)
     assert torch.dot(w, q) / torch.dot(q, q) == pytest.approx(s.item(), rel=1e-5)
     assert error(s) < error(lsq_init_step(w, Qp))
+    assert error(s) < error(w.abs().max() / Qp)  # VVTQ's starting point
 
 
 def _bin_regularizer_loop(w, step, Qn, Qp):

@@ -13,10 +13,22 @@ from qgen_ray.data.cifar import load_cifar10, load_cifar100
 from qgen_ray.data.digits import load_digits_data
 from qgen_ray.registry import Registry
 
+
+def load_imagenet(root: str | None = None, download: bool = False) -> ImageData:
+    """ImageNet has no in-memory form: its name is registered so studies can plan it."""
+    from qgen_ray.errors import UserError
+
+    raise UserError(
+        "imagenet is read from an ImageFolder by studies/imagenet_finetune.py (Ray Train "
+        "DDP), not loaded into memory; this stage does not support it"
+    )
+
+
 DATASETS: Registry[Callable[..., ImageData]] = Registry("dataset")
 DATASETS.add("digits", load_digits_data)
 DATASETS.add("cifar10", load_cifar10)
 DATASETS.add("cifar100", load_cifar100)
+DATASETS.add("imagenet", load_imagenet)  # ImageFolder on disk: qgen_ray.ddp.imagefolder
 
 
 def load_image_data(name: str, root: str | None = None, download: bool = False) -> ImageData:

@@ -54,16 +54,20 @@ class SearchProtocol:
 
     mode: str
     iterations: int = 15  # bisection steps at most (QGen App. B.2: 15)
-    samples: int = 10  # perturbations (PAC-Bayes) / restarts (sharpness) per step (App. B.2)
+    samples: int = 10  # Gaussian perturbations per step (PAC-Bayes; QGen App. B.2: 10)
+    restarts: int = 10  # random starts per step (sharpness; QGen App. B.2: 10)
     target: float = 0.1  # training-accuracy drop sought, fraction (Jiang et al. §C)
     tolerance: float = 0.01  # |drop − target| ≤ tolerance ends the search (Jiang et al. §C)
     log_space: bool = False  # bisect log r (geometric midpoint) instead of r
+    interpolate: bool = False  # log space only: next r from a log-log secant through the
+    #                            bracket ends' measured drops (safeguarded, see next_radius)
     lower: float = 0.0  # bracket lower end (radius units); > 0 when log_space
     upper: float = 2.0  # bracket upper end; while no step has overshot the target, a step
     #                     that falls short at r raises it to max(upper, 4 r) (so σ* > 2 is
     #                     found too). 2.0 is the reference implementation's bracket.
     fresh_noise: bool = True  # new directions every step (paper) / the same K (CRN)
-    first_chunk: int | None = None  # images in the first look, doubling after; None: all
+    antithetic: bool = False  # directions in pairs (u, −u): same law, lower variance
+    first_chunk: int | None = None  # images of the first look, doubling after; None: all
     z: float = 2.0  # confidence-interval half-width in standard errors (early decisions)
     ascent_steps: int = 20  # sharpness gradient-ascent steps (QGen App. B.2: 20)
     ascent_lr: float = 1e-4  # ascent SGD learning rate (QGen App. B.2: 1e-4)
@@ -77,10 +81,13 @@ PROTOCOLS: dict[str, SearchProtocol] = {
     "fast": SearchProtocol(
         mode="fast",
         samples=16,
+        restarts=10,
         log_space=True,
+        interpolate=True,
         lower=1e-6,
         fresh_noise=False,
-        first_chunk=128,
+        antithetic=True,
+        first_chunk=64,
         ascent_batch=32,
         batched=None,
     ),
@@ -130,6 +137,7 @@ class FlatnessSearch:
         self.family, self.protocol = family, protocol
         self.model, self.layout, self.w, self.x, self.y = model, layout, w, x, y
         self.clean, self.order = clean, clean.order
+        self.k = protocol.restarts if family.worst_case else protocol.samples
         self.counter = ForwardCounter()
         self.batched = use_vmap(protocol.batched, x.device)
         self.gen = torch.Generator(device=x.device)
@@ -139,11 +147,15 @@ class FlatnessSearch:
 
     # -- perturbations ---------------------------------------------------------------
     def directions(self) -> torch.Tensor:
-        """[K, ω] unit-scale directions: fresh per call, or drawn once (CRN)."""
+        """[K, ω] unit-scale directions: fresh per call, or drawn once (CRN); with
+        `antithetic` the second half is the negated first half."""
         if self.protocol.fresh_noise or self._directions is None:
-            self._directions = self.family.directions(
-                self.protocol.samples, self.layout.numel, self.gen, self.x.device
-            )
+            k, omega, dev = self.k, self.layout.numel, self.x.device
+            if self.protocol.antithetic:
+                half = self.family.directions((k + 1) // 2, omega, self.gen, dev)
+                self._directions = torch.cat([half, -half])[:k]
+            else:
+                self._directions = self.family.directions(k, omega, self.gen, dev)
         return self._directions
 
     def ascent_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,7 +186,7 @@ class FlatnessSearch:
                                p.ascent_lr, self.counter, self.batched)
                         for j in range(u.shape[0])
                     ]
-                )
+                )  # fmt: skip
             else:
                 u = ascend(*args, u, half_width, self.ascent_batches(), p.ascent_lr,
                            self.counter, self.batched)  # fmt: skip
@@ -182,24 +194,32 @@ class FlatnessSearch:
 
     # -- one bisection step ----------------------------------------------------------
     def probe(self, radius: float) -> tuple[float, str]:
-        """Accuracy drop at `radius` and the verdict: too low, too high, or in band."""
+        """Accuracy drop at `radius` and the verdict: too low, too high, or in band.
+
+        Reads the images in `order`, `first_chunk` of them first and twice as many at
+        every further look (all of them when `first_chunk` is None). The standard error
+        of the paired drop is conditional on the K perturbations and carries the
+        finite-population correction (it is 0 once every training image is read).
+        """
         p = self.protocol
         flat = self.perturbed_weights(radius)
         n_total = self.x.shape[0]
-        seen, size, diffs = 0, p.first_chunk or n_total, []
+        seen, upto, diffs = 0, min(n_total, p.first_chunk or n_total), []
         while True:
-            upto = min(n_total, seen + size)
             correct = correct_predictions(
                 self.model, self.layout, flat, self.x, self.y, self.counter,
                 self.batched, p.eval_batch, index=self.order[seen:upto],
             )  # fmt: skip
             clean = self.clean.upto(upto, self.counter)[seen:upto]
             diffs.append(clean.float() - correct.float().mean(0))
-            seen, size = upto, 2 * size
+            seen, upto = upto, min(n_total, 2 * upto)
             d = torch.cat(diffs)
             drop = float(d.mean())
-            se = max(float(d.std()) / math.sqrt(seen), 1.0 / seen) if seen > 1 else 1.0
-            verdict = self._decide(drop, se, final=seen == n_total)
+            if seen == n_total:
+                return drop, self._decide(drop, 0.0, final=True)
+            fpc = math.sqrt(1 - seen / n_total)
+            se = float(d.std()) / math.sqrt(seen) * fpc if seen > 1 else 1.0
+            verdict = self._decide(drop, max(se, 1.0 / seen), final=False)
             if verdict is not None:
                 return drop, verdict
 
@@ -217,24 +237,53 @@ class FlatnessSearch:
         return None
 
     # -- the search ------------------------------------------------------------------
+    def next_radius(self, lo: float, hi: float, lo_drop: float | None,
+                    hi_drop: float | None, same_end_moves: int) -> float:  # fmt: skip
+        """Midpoint of the bracket (arithmetic, or geometric in log space); with
+        `interpolate`, the log-log secant through the bracket ends' measured drops
+        (drop ≈ c·r^k), kept inside the middle 80% of the log bracket, and the geometric
+        midpoint whenever an end is unmeasured, the drops are not increasing, or the
+        same end moved twice in a row (Illinois-style guard against one-sided creep)."""
+        p = self.protocol
+        if not p.log_space:
+            return (lo + hi) / 2
+        mid = math.sqrt(lo * hi)
+        if (
+            not p.interpolate
+            or lo_drop is None
+            or hi_drop is None
+            or not 0 < lo_drop < hi_drop
+            or same_end_moves >= 2
+        ):
+            return mid
+        t = (math.log(p.target) - math.log(lo_drop)) / (math.log(hi_drop) - math.log(lo_drop))
+        t = min(max(t, 0.1), 0.9)
+        return math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
+
     def run(self) -> SearchResult:
         p = self.protocol
         start = time.perf_counter()
         lo, hi, overshot = p.lower, p.upper, False
+        lo_drop: float | None = None
+        hi_drop: float | None = None
+        last_end, same_end_moves = "", 0
         steps: list[tuple[float, float]] = []
         radius, drop, verdict = hi, float("nan"), None
         for _ in range(p.iterations):
-            radius = math.sqrt(lo * hi) if p.log_space else (lo + hi) / 2
+            radius = self.next_radius(lo, hi, lo_drop, hi_drop, same_end_moves)
             drop, verdict = self.probe(radius)
             steps.append((radius, drop))
             if verdict == IN_BAND:
                 break
+            end = "hi" if verdict == TOO_HIGH else "lo"
+            same_end_moves = same_end_moves + 1 if end == last_end else 1
+            last_end = end
             if verdict == TOO_HIGH:
-                hi, overshot = radius, True
+                hi, hi_drop, overshot = radius, drop, True
             else:
-                lo = radius
-                if not overshot:
-                    hi = max(hi, 4 * radius)
+                lo, lo_drop = radius, drop
+                if not overshot and 4 * radius > hi:
+                    hi, hi_drop = 4 * radius, None
         return SearchResult(
             radius=radius,
             drop=drop,

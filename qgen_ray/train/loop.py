@@ -61,7 +61,22 @@ def make_optimizer(spec: TrainSpec, model: nn.Module) -> torch.optim.Optimizer:
         )
     if spec.optimizer == "adam":
         return torch.optim.Adam(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":  # decoupled weight decay (the DeiT / VVTQ recipe)
+        return torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.RMSprop(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def make_scheduler(
+    spec: TrainSpec, optimizer: torch.optim.Optimizer
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """The spec's learning-rate schedule, stepped once per epoch: "multistep" multiplies
+    the rate by `gamma` at each of `milestones`; "cosine" anneals it from `lr` to 0 over
+    `epochs` (per epoch, no warm-up: our reading of VVTQ's "AdamW, cosine")."""
+    if spec.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs)
+    return torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(spec.milestones), gamma=spec.gamma
+    )
 
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,9 +101,7 @@ def train(
     torch.manual_seed(spec.seed)
     model = build_model(spec, data.num_classes, data.in_channels, data.image_size).to(device)
     optimizer = make_optimizer(spec, model)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=list(spec.milestones), gamma=spec.gamma
-    )
+    scheduler = make_scheduler(spec, optimizer)
     generator = torch.Generator().manual_seed(spec.seed)
     state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best": None, "history": []}
 
@@ -183,6 +196,9 @@ def train(
     )
     if state["best"] is not None:
         model.load_state_dict(state["best"])
+        if spec.method == "qar":  # deploy the codebook: snap, and say what it cost
+            result.update(_snap(model, data, device))
+            state["best"] = _cpu_state(model)
         metrics.update(_measure(model, data, device))
         result["steps"] = [{"model_id": spec.model_id, **s} for s in step_sizes(model)]
         if store is not None:
@@ -194,6 +210,19 @@ def train(
     result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result["host"] = platform.node()
     return result
+
+
+def _snap(model: nn.Module, data: ImageData, device: torch.device) -> dict:
+    """QAR: snap every weight to its layer's codebook; test accuracy before / after."""
+    from qgen_ray.quant import evaluate_snap
+
+    x, y = data.normalize(data.test_x.to(device)), data.test_y.to(device)
+    snap = evaluate_snap(model, x, y)
+    return {
+        "test_acc_before_snap": snap["acc_before"],
+        "snap_acc_drop": snap["acc_drop"],
+        "compression_ratio": snap["compression_ratio"],
+    }
 
 
 def _measure(model: nn.Module, data: ImageData, device: torch.device) -> dict:
@@ -210,4 +239,4 @@ def _measure(model: nn.Module, data: ImageData, device: torch.device) -> dict:
     }
 
 
-__all__ = ["Diverged", "make_optimizer", "resolve_device", "train"]
+__all__ = ["Diverged", "make_optimizer", "make_scheduler", "resolve_device", "train"]

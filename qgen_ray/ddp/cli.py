@@ -1,0 +1,284 @@
+"""The command line of the ImageNet fine-tuning study: the shared study flags plus DDP's.
+
+    python studies/imagenet_finetune.py --data-root DIR --weights resnet18=r18.pt ...
+        [--workers N] [--image-size PX] [--models NAME ...] [--pretrained-from-hub]
+        [--log-samples] + every flag of qgen_ray.study_cli (--storage, --smoke, ...)
+
+Everything a user can get wrong (the ImageFolder, the weights, the flags) is checked on
+the driver before Ray starts, each as one line with exit status 2. A re-run skips the
+finished models and resumes the others from their last epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+from qgen_ray import schema, study_cli
+from qgen_ray.errors import UserError, exit_on_user_error
+from qgen_ray.spec import TrainSpec
+from qgen_ray.study import Study
+
+DDP_STAGES = ("train", "report")  # measures / corruptions need in-memory data (not ImageNet)
+CPUS_PER_GPU_WORKER = 8  # default CPUs of a GPU worker (JPEG decoding keeps a GPU fed)
+CPUS_PER_CPU_WORKER = 1  # default CPUs of a CPU-only worker
+
+
+def parser(studies: tuple[Study, ...]) -> argparse.ArgumentParser:
+    """`qgen_ray.study_cli.parser` of the first study, extended with the DDP flags."""
+    p = study_cli.parser(studies[0])
+    helps = {
+        "cpus_per_trial": "CPUs of one Train run, split evenly over its --workers (default "
+        f"{CPUS_PER_GPU_WORKER} per worker with GPUs, {CPUS_PER_CPU_WORKER} without)",
+        "gpus_per_trial": "GPUs of one Train run, split evenly over its --workers (default: "
+        "1 per worker when the cluster has GPUs, else 0)",
+        "data_root": "folder holding the train/ and val/ ImageFolders (one folder per class)",
+        "stages": f"what to run: {' '.join(DDP_STAGES)} (default train)",
+    }
+    for action in p._actions:
+        action.help = helps.get(action.dest, action.help)
+    models = [m for s in studies for m in s.grid["model"]]
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="DDP workers (ranks) per Train run: GPUs when present, else CPU "
+        "processes talking gloo (default 1)",
+    )
+    p.add_argument(
+        "--weights",
+        nargs="+",
+        default=[],
+        metavar="MODEL=PATH",
+        help="pretrained state dict to start each model from, e.g. "
+        "resnet18=resnet18-f37072fd.pth (torchvision) or deit_tiny=deit.pt (timm)",
+    )
+    p.add_argument(
+        "--pretrained-from-hub",
+        action="store_true",
+        help="start the models without --weights from torchvision's / timm's "
+        "published weights (needs internet or a filled cache)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="crop side in pixels (default: the study's, 224); part of the model id",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        choices=models,
+        help="train only these models (default: all of the study)",
+    )
+    p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="write the image indices each rank trained on per epoch to "
+        "trials/<id>/samples/ (checks that the shards are disjoint)",
+    )
+    return p
+
+
+def parse_weights(items: list[str], models: list[str]) -> dict[str, str]:
+    """`["resnet18=path", ...]` -> {model: path}; a bare path is fine for one model."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            if len(models) != 1:
+                raise UserError(
+                    f"--weights {item!r} names no model; write MODEL=PATH (models: "
+                    f"{', '.join(models)})"
+                )
+            name, path = models[0], item
+        if name not in models:
+            raise UserError(
+                f"--weights names model {name!r}, which this run does not train; "
+                f"models: {', '.join(models)}"
+            )
+        out[name] = path
+    return out
+
+
+def check_weights(
+    plan: list[tuple[TrainSpec, dict]], weights: dict[str, str], hub: bool, num_classes: int
+) -> None:
+    """Every model has starting weights that fit its architecture (built here, once each)."""
+    from qgen_ray.models import create_model
+
+    seen = set()
+    for spec, _ in plan:
+        if spec.model in seen:
+            continue
+        seen.add(spec.model)
+        if spec.model in weights and hub:
+            raise UserError(
+                f"{spec.model} has both --weights and --pretrained-from-hub; pass one of them"
+            )
+        if spec.model not in weights and not hub:
+            raise UserError(
+                f"fine-tuning starts from pretrained weights: pass --weights "
+                f"{spec.model}=PATH or --pretrained-from-hub"
+            )
+        create_model(
+            spec.model,
+            num_classes,
+            3,
+            spec.image_size,
+            weights=weights.get(spec.model),
+            pretrained=hub,
+            **spec.model_arguments,
+        )
+
+
+def plan_studies(studies: tuple[Study, ...], args: argparse.Namespace) -> tuple[str, list]:
+    """(study name, [(spec, extra)]) of every model to run, after --smoke, --image-size
+    and --models."""
+    if args.smoke:
+        studies = tuple(s.smoke() for s in studies)
+    if args.image_size is not None:
+        studies = tuple(
+            replace(s, protocol={**s.protocol, "image_size": args.image_size}) for s in studies
+        )
+    name = f"{studies[0].name}-smoke" if args.smoke else studies[0].name
+    plan = [item for s in studies for item in s.plan()]
+    if args.models:
+        plan = [(spec, extra) for spec, extra in plan if spec.model in args.models]
+    if not plan:
+        raise UserError(f"no model of {', '.join(args.models)} is in this run; drop --models")
+    return name, plan
+
+
+def describe(studies: tuple[Study, ...], name: str, plan: list) -> dict:
+    """study.json: the union of the studies' grids (model and precision vary)."""
+    models = sorted({s.model for s, _ in plan})
+    precisions = sorted({(s.method, s.bits) for s, _ in plan}, key=lambda p: -p[1])
+    axes = [a for a, n in (("model", len(models)), ("bits", len(precisions))) if n > 1]
+    return {
+        "study": name,
+        "dataset": studies[0].dataset,
+        "model": models,
+        "axes": axes,
+        "grid": {"model": models},
+        "precisions": [list(p) for p in precisions],
+        "protocol": {s.model: s.to_dict() for s, _ in plan},
+        "num_models": len(plan),
+        "description": studies[0].description,
+    }
+
+
+def resources(args: argparse.Namespace):
+    """Per-worker CPUs / GPUs from the flags and the cluster (call after Ray is up)."""
+    import ray
+
+    from qgen_ray.ddp.runner import DDPResources
+
+    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    if args.device == "cuda" and not cluster_gpus:
+        raise UserError("--device cuda but the Ray cluster has no GPUs; use --device auto/cpu")
+    use_gpu = args.device != "cpu" and cluster_gpus > 0
+    gpus = (
+        args.gpus_per_trial
+        if args.gpus_per_trial is not None
+        else (args.workers if use_gpu else 0.0)
+    )
+    if args.device == "cpu":
+        gpus = 0.0
+    default_cpus = CPUS_PER_GPU_WORKER if gpus else CPUS_PER_CPU_WORKER
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else args.workers * default_cpus
+    return DDPResources(args.workers, cpus / args.workers, gpus / args.workers)
+
+
+def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
+    """Validate everything, fine-tune the pending models, collect; {stage: output path}."""
+    from qgen_ray.collect import collect
+    from qgen_ray.ddp.imagefolder import check_imagefolder
+    from qgen_ray.ddp.loop import FinetuneOptions
+    from qgen_ray.store import StudyStore
+    from qgen_ray.tune_runner import finished_ids, init_ray
+
+    if args.download:
+        raise UserError("ImageNet cannot be downloaded here; put it under --data-root yourself")
+    stages = args.stages or ["train"]
+    if unknown := [s for s in stages if s not in DDP_STAGES]:
+        raise UserError(
+            f"stage {unknown[0]} does not run on ImageNet; choose from {', '.join(DDP_STAGES)}"
+        )
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    for flag in ("cpus_per_trial", "gpus_per_trial"):
+        value = getattr(args, flag)
+        if value is not None and (value < 0 or (flag == "cpus_per_trial" and value <= 0)):
+            raise UserError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    name, plan = plan_studies(studies, args)
+    for spec, _ in plan:
+        if spec.batch_size % args.workers:
+            raise UserError(
+                f"--workers {args.workers} does not divide the global batch "
+                f"{spec.batch_size} of {spec.model}; pick a divisor"
+            )
+    store = StudyStore.for_study(args.storage, name)
+    outputs: dict[str, str] = {}
+    if "train" in stages:
+        classes = check_imagefolder(args.data_root)
+        models = sorted({s.model for s, _ in plan})
+        weights = parse_weights(args.weights, models)
+        check_weights(plan, weights, args.pretrained_from_hub, len(classes))
+        store.check_writable()
+        store.write_json(
+            schema.STUDY_JSON, {**describe(studies, name, plan), "created_at": time.time()}
+        )
+        done = finished_ids(store)
+        pending = [(s, e) for s, e in plan if s.model_id not in done]
+        print(
+            f"[{name}] {len(plan)} models planned, {len(plan) - len(pending)} already "
+            f"done, {len(pending)} to fine-tune; store: {store.uri}",
+            flush=True,
+        )
+        if pending:
+            from qgen_ray.ddp.runner import run_finetune
+
+            init_ray(args.address)
+            res = resources(args)
+            print(
+                f"[{name}] {res.workers} workers per run, {res.cpus_per_worker:g} CPU and "
+                f"{res.gpus_per_worker:g} GPU each",
+                flush=True,
+            )
+            options = FinetuneOptions(
+                store=store.uri,
+                data_root=str(args.data_root),
+                pretrained_from_hub=args.pretrained_from_hub,
+                cpus_per_worker=res.cpus_per_worker,
+                log_samples=args.log_samples,
+            )
+            run_finetune(
+                store,
+                pending,
+                options,
+                res,
+                weights=weights,
+                already_done=len(plan) - len(pending),
+                progress=not args.quiet,
+            )
+        trials = collect(store)
+        counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+        print(f"[{name}] trials: {counts}", flush=True)
+        outputs["trials"] = store.path(schema.TRIALS)
+    if "report" in stages:
+        from qgen_ray import stages as stage_impl
+
+        outputs["report"] = stage_impl.run_stage("report", store, args, {})
+    return outputs
+
+
+def main(studies: tuple[Study, ...], argv: list[str] | None = None) -> dict:
+    """Entry point of studies/imagenet_finetune.py."""
+    args = parser(studies).parse_args(argv)
+    outputs = exit_on_user_error(run)(studies, args)
+    for name, path in outputs.items():
+        print(f"{name:>10}: {path}")
+    return outputs

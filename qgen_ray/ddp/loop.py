@@ -1,0 +1,402 @@
+"""One fine-tuning run on one worker: plain PyTorch and torch.distributed, no Ray in here.
+
+`finetune(spec, options, device)` runs on every rank of a process group (or alone, when
+none is initialized): it builds the model from pretrained weights, quantizes it
+(`spec.method`: LSQ for CNNs, VVTQ for ViTs), wraps it in DistributedDataParallel, and
+trains `spec.epochs` epochs on this rank's shard of the ImageFolder; the Ray Train
+adapter (`qgen_ray.ddp.runner`) only supplies the process group, the device and `report`.
+
+Protocol (METHOD.md §7) as in the population studies: `spec.batch_size` is the global
+batch (each of w ranks takes batch_size / w); the training loss of an epoch is the mean
+of its minibatch losses over all ranks; the kept weights are those of the epoch with the
+lowest training loss; the kept model is measured in eval mode without augmentation on
+the full train and val splits (every image once, sharded over the ranks).
+
+Rank 0 writes, through the study store: `init.pt` (the weights at step 0: pretrained and
+quantized), `last.pt` every `checkpoint_every` epochs (the whole state: a killed run
+resumes from it on every rank), `final.pt` (the kept weights) and `result.json` (the row
+of `trials.parquet`, with history and learned steps). On a GPU the forward pass runs under
+bf16 autocast with channels-last tensors (`fast_path`); on a CPU both are off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from qgen_ray import schema
+from qgen_ray.ddp.imagefolder import check_imagefolder, image_folder, loader_workers, make_loader
+from qgen_ray.errors import UserError
+from qgen_ray.provenance import provenance
+from qgen_ray.spec import TrainSpec
+from qgen_ray.store import StudyStore
+from qgen_ray.train.build import build_model
+from qgen_ray.train.loop import Diverged, _cpu_state, make_optimizer, make_scheduler
+
+SAMPLES_DIR = "samples"  # trials/<model_id>/samples/epochNNNN-rankR.json (log_samples)
+EVAL_BATCH_FACTOR = 2  # evaluation batch = this x the per-rank training batch (memory only)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """How one fine-tuning run is executed: never part of the model id.
+
+    store: URI of the study store. data_root: folder with train/ and val/ ImageFolders.
+    weights: local state dict to start from; pretrained_from_hub: start from the
+    torchvision / timm published weights instead. cpus_per_worker: CPUs each rank holds
+    (sizes its DataLoader processes and torch threads). checkpoint_every: epochs between
+    `last.pt` writes. log_samples: write the image indices each rank trained on, per
+    epoch (a check that the shards are disjoint). extra: more columns for the row.
+    """
+
+    store: str
+    data_root: str
+    weights: str | None = None
+    pretrained_from_hub: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 1
+    log_samples: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(values: list[float], device: torch.device, op=None) -> list[float]:
+    """Sum (or `op`) of each value over all ranks; the values themselves without a group."""
+    if world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def fast_path(device: torch.device) -> bool:
+    """bf16 autocast and channels-last memory format: on CUDA only."""
+    return device.type == "cuda"
+
+
+def _autocast(device: torch.device):
+    if fast_path(device):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if fast_path(device) else x
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Augmentation seed of one rank's epoch: a resumed run draws the same crops."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
+def train_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    epochs: int,
+    keep_indices: bool = False,
+) -> dict:
+    """One pass over this rank's shard. Returns the epoch's loss, accuracy and image count
+    summed over all ranks (mean loss = loss_sum / images), the seconds it took, and (with
+    `keep_indices`) the dataset indices this rank trained on."""
+    from qgen_ray.quant import clamp_steps_, quant_regularizer
+
+    model.train()
+    t0 = time.time()
+    steps = len(loader)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # on device: no sync
+    correct = torch.zeros((), device=device, dtype=torch.int64)
+    count, seen = 0, []
+    for step, (x, y, index) in enumerate(loader):
+        x, y = _to_device(x, device), y.to(device, non_blocking=True)
+        progress = min(1.0, ((epoch - 1) * steps + step) / (epochs * steps))
+        with _autocast(device):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        (loss + quant_regularizer(model, progress)).backward()
+        optimizer.step()
+        clamp_steps_(model)
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        count += len(y)
+        if keep_indices:
+            seen.extend(index.tolist())
+    total_loss, total_correct, total = all_reduce(
+        [float(loss_sum), float(correct), float(count)], device
+    )
+    return {
+        "loss_sum": total_loss,
+        "correct": total_correct,
+        "images": int(total),
+        "seconds": time.time() - t0,
+        "indices": seen,
+    }
+
+
+@torch.no_grad()
+def evaluate_loader(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
+    """(mean loss, accuracy) over every rank's shard, eval mode. Pass the unwrapped model:
+    ranks may hold different numbers of batches, and DDP's forward would wait for peers."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y, _ in loader:
+        x, y = _to_device(x, device), y.to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(x)
+        loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        count += len(y)
+    model.train(was_training)
+    loss_sum, correct, count = all_reduce([loss_sum, correct, count], device)
+    return loss_sum / count, correct / count
+
+
+def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel when a process group exists (parameters are broadcast from
+    rank 0 here), the model itself otherwise."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return model
+    return DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
+def _row_header(spec: TrainSpec) -> dict:
+    return {
+        "model_id": spec.model_id,
+        **{k: getattr(spec, k) for k in schema.HPARAM_COLUMNS},
+        "epochs": spec.epochs,
+        "batch_size": spec.batch_size,
+    }
+
+
+def init_weights_label(options: FinetuneOptions) -> str:
+    """Where the starting weights came from, for the row (provenance, not hashed)."""
+    if options.weights:
+        return f"file:{os.path.basename(options.weights)}"
+    return "hub" if options.pretrained_from_hub else "none"
+
+
+def finetune(
+    spec: TrainSpec,
+    options: FinetuneOptions,
+    device: torch.device,
+    report: Callable[[dict], None] | None = None,
+) -> dict | None:
+    """Fine-tune one model on this rank; rank 0 writes and returns the result row.
+
+    `report(metrics)` is called on every rank once per epoch with the same (all-reduced)
+    metrics. Resumes from the store's `last.pt` when there is one.
+    """
+    from qgen_ray.quant import step_sizes, unwrap
+
+    start = time.time()
+    rank, world_size = world()
+    if spec.batch_size % world_size:
+        raise UserError(
+            f"batch_size {spec.batch_size} is not divisible by {world_size} workers; "
+            "choose --workers dividing the global batch"
+        )
+    if spec.image_size is None:
+        raise UserError("an ImageFolder study needs image_size in its protocol (--image-size)")
+    torch.set_num_threads(max(1, int(options.cpus_per_worker)))
+    trial = StudyStore(options.store).trial(spec.model_id)
+    classes = check_imagefolder(options.data_root)
+    resume = trial.has(schema.LAST_CKPT)
+
+    torch.manual_seed(spec.seed)
+    model = build_model(
+        spec,
+        len(classes),
+        3,
+        spec.image_size,
+        weights=None if resume else options.weights,
+        pretrained=options.pretrained_from_hub and not resume,
+    )
+    model = model.to(device)
+    if fast_path(device):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(spec, model)
+    scheduler = make_scheduler(spec, optimizer)
+    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best": None, "history": []}
+    resumed_from = 0
+    if resume:
+        ckpt = trial.load(schema.LAST_CKPT, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = {k: ckpt[k] for k in state}
+        resumed_from = state["epoch"]
+    elif rank == 0:
+        trial.save(schema.INIT_CKPT, _cpu_state(model))
+    ddp_model = _wrap(model, device)
+
+    per_rank = spec.batch_size // world_size
+    workers = loader_workers(options.cpus_per_worker)
+    pin = device.type == "cuda"
+    common = {"rank": rank, "world_size": world_size, "num_workers": workers, "pin_memory": pin}
+    train_set = image_folder(options.data_root, "train", spec.image_size, spec.augment)
+    if len(train_set) < world_size:
+        raise UserError(
+            f"{options.data_root}/train has {len(train_set)} images, fewer than the "
+            f"{world_size} workers; use fewer --workers"
+        )
+    train_loader = make_loader(train_set, per_rank, train=True, seed=spec.seed, **common)
+
+    status, reason = schema.STATUS_OK, ""
+    try:
+        for epoch in range(state["epoch"] + 1, spec.epochs + 1):
+            seed = epoch_seed(spec.seed, epoch, rank)
+            torch.manual_seed(seed)  # transforms in this process (no loader workers)
+            train_loader.generator.manual_seed(seed)  # seeds of loader worker processes
+            train_loader.sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_epoch(
+                ddp_model,
+                train_loader,
+                optimizer,
+                device,
+                epoch,
+                spec.epochs,
+                keep_indices=options.log_samples,
+            )
+            scheduler.step()
+            if not math.isfinite(stats["loss_sum"]):
+                raise Diverged(f"non-finite training loss in epoch {epoch}")
+            epoch_loss = stats["loss_sum"] / stats["images"]
+            row = {
+                "epoch": epoch,
+                "train_loss": epoch_loss,
+                "train_acc": stats["correct"] / stats["images"],
+                "lr": lr,
+                "seconds": stats["seconds"],
+                "images_per_s": stats["images"] / stats["seconds"],
+            }
+            state["history"].append(row)
+            if epoch_loss < state["best_loss"]:
+                state.update(best_loss=epoch_loss, best_epoch=epoch, best=_cpu_state(model))
+            state["epoch"] = epoch
+            if options.log_samples:
+                trial.study.write_json(
+                    f"{trial.prefix}/{SAMPLES_DIR}/epoch{epoch:04d}-rank{rank}.json",
+                    {
+                        "epoch": epoch,
+                        "rank": rank,
+                        "world_size": world_size,
+                        "pid": os.getpid(),
+                        "indices": stats["indices"],
+                    },
+                )
+            last = epoch % options.checkpoint_every == 0 or epoch == spec.epochs
+            if rank == 0 and last:
+                trial.save(
+                    schema.LAST_CKPT,
+                    {
+                        **state,
+                        "model": _cpu_state(model),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    },
+                )
+            if report is not None:
+                report({**row, "best_epoch": state["best_epoch"]})
+    except Diverged as err:
+        status, reason = schema.STATUS_DIVERGED, str(err)
+
+    metrics = dict.fromkeys(
+        ["train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "gap_acc"], math.nan
+    )
+    steps = []
+    if state["best"] is not None:
+        model.load_state_dict(state["best"])
+        metrics.update(
+            _measure(model, options.data_root, spec.image_size, per_rank, common, device)
+        )
+        steps = [{"model_id": spec.model_id, **s} for s in step_sizes(model)]
+    if rank != 0:
+        return None
+    history = state["history"]
+    result = {
+        **_row_header(spec),
+        "status": status,
+        "reason": reason,
+        **metrics,
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "num_train": len(train_set),
+        "num_params": sum(p.numel() for p in unwrap(model).parameters()),
+        "num_classes": len(classes),
+        "in_channels": 3,
+        "image_size": spec.image_size,
+        "workers": world_size,
+        "images_per_s": _mean([h["images_per_s"] for h in history[1:] or history]),
+        "init_weights": init_weights_label(options),
+        "resumed_from": resumed_from,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "history": [{"model_id": spec.model_id, **h} for h in history],
+        "steps": steps,
+        "spec": spec.to_dict(),
+        **provenance(),
+    }
+    if state["best"] is not None:
+        result["final_ckpt"] = trial.save(schema.FINAL_CKPT, state["best"])
+    result["init_ckpt"] = trial.rel(schema.INIT_CKPT)
+    result["seconds"] = time.time() - start
+    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["host"] = platform.node()
+    result.update(options.extra)
+    trial.write_result(result)
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _measure(
+    model: nn.Module, root: str, image_size: int, per_rank: int, common: dict, device
+) -> dict:
+    """Train/val loss and accuracy of the kept model (eval transform), and both gaps."""
+    out = {}
+    for split, name in (("train", "train"), ("val", "test")):
+        data = image_folder(root, split, image_size, augment=False)
+        loader = make_loader(data, per_rank * EVAL_BATCH_FACTOR, train=False, seed=0, **common)
+        out[f"{name}_loss"], out[f"{name}_acc"] = evaluate_loader(model, loader, device)
+    out["gap_loss"] = out["test_loss"] - out["train_loss"]
+    out["gap_acc"] = out["train_acc"] - out["test_acc"]
+    return out
+
+
+__all__ = [
+    "FinetuneOptions",
+    "all_reduce",
+    "epoch_seed",
+    "evaluate_loader",
+    "fast_path",
+    "finetune",
+    "train_epoch",
+    "world",
+]
