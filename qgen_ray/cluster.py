@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -345,8 +346,9 @@ class LocalHead:
         return sorted(p for p in mine if title is None or table[p][1].startswith(title))
 
     def stop(self, grace: float = 10) -> None:
-        """SIGTERM this instance's processes, SIGKILL whatever is left after `grace` s.
-        The set is taken before any dies: an orphaned worker is still found."""
+        """SIGTERM this instance's processes, SIGKILL whatever is left after `grace` s
+        (the set is taken before any dies: an orphaned worker is still found), then
+        delete its temp dir."""
         pids = set(self.pids())
         for sig in (signal.SIGTERM, signal.SIGKILL):
             pids = {p for p in pids | set(self.pids()) if _alive(p)}
@@ -360,7 +362,8 @@ class LocalHead:
                 time.sleep(0.2)
                 pids = {p for p in pids if _alive(p)}
             if not pids:
-                return
+                break
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # its logs, sockets and token
 
     def __enter__(self) -> LocalHead:
         return self.start()
