@@ -124,15 +124,15 @@ def main() -> None:
         torch.save(create_model(args.model, 1000, 3, args.image_size).state_dict(), weights)
         init_ray(args.address)
         resources = ray.cluster_resources()
+        load_before = os.getloadavg()[0]
         rows = [measure(args, w, root, weights, tmp) for w in counts]
 
-    print(
-        f"# DDP fine-tuning throughput ({rows[0]['device']}: "
-        f"{'GPU' if args.gpu else 'CPU'} run, gloo/NCCL via Ray Train)"
-    )
+    kind = "GPU, NCCL, bf16 autocast + channels-last" if args.gpu else "CPU, gloo, fp32"
+    print(f"# DDP fine-tuning throughput via Ray Train ({kind}; device {rows[0]['device']})")
     print(
         f"# host: {cpu_name()}, {os.cpu_count()} cores; Ray cluster CPUs "
-        f"{resources.get('CPU', 0):g}, GPUs {resources.get('GPU', 0):g}"
+        f"{resources.get('CPU', 0):g}, GPUs {resources.get('GPU', 0):g}; load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (a shared machine is noisy)"
     )
     print(f"# torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}")
     print(

@@ -258,7 +258,7 @@ def _proc_table() -> dict[int, tuple[int, str]]:
     return table
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -345,13 +345,13 @@ class LocalHead:
         mine.discard(os.getpid())
         return sorted(p for p in mine if title is None or table[p][1].startswith(title))
 
-    def stop(self, grace: float = 10) -> None:
+    def stop(self, grace: float = 2) -> None:
         """SIGTERM this instance's processes, SIGKILL whatever is left after `grace` s
         (the set is taken before any dies: an orphaned worker is still found), then
         delete its temp dir."""
         pids = set(self.pids())
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = {p for p in pids | set(self.pids()) if _alive(p)}
+            pids = {p for p in pids | set(self.pids()) if pid_alive(p)}
             for pid in pids:
                 try:
                     os.kill(pid, sig)
@@ -360,7 +360,7 @@ class LocalHead:
             deadline = time.time() + grace
             while pids and time.time() < deadline:
                 time.sleep(0.2)
-                pids = {p for p in pids if _alive(p)}
+                pids = {p for p in pids if pid_alive(p)}
             if not pids:
                 break
         shutil.rmtree(self.temp_dir, ignore_errors=True)  # its logs, sockets and token

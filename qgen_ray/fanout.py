@@ -28,12 +28,14 @@ FLUSH_S = 5.0  # seconds between table writes while results arrive
 class FanOutWorker:
     """Holds the dataset and the store; runs one `qgen_ray.jobs` job per call."""
 
-    def __init__(self, store_uri: str, data: ImageData, device: str, threads: int):
+    def __init__(self, store_uri: str, data_ref: list, device: str, threads: int):
         import torch
 
         torch.set_num_threads(max(1, threads))
         self.store = StudyStore(store_uri)
-        self.data = data
+        # The dataset comes as [ObjectRef] (not a bare ref) so a restarted actor fetches
+        # it again from the object store instead of depending on a constructor argument.
+        self.data: ImageData = ray.get(data_ref[0])
         self.device = device
 
     def run(self, job: str, item: dict, kwargs: dict) -> tuple[dict, list[dict], str]:
@@ -81,7 +83,7 @@ def fan_out(
     data_ref = ray.put(data)
     actors = [
         FanOutWorker.options(num_cpus=cpus, num_gpus=gpus).remote(
-            store.uri, data_ref, device, int(max(1, cpus))
+            store.uri, [data_ref], device, int(max(1, cpus))
         )
         for _ in range(pool_size(len(items), cpus, gpus))
     ]

@@ -27,12 +27,12 @@ import pandas as pd
 import pytest
 
 from qgen_ray import schema
-from qgen_ray.cluster import LocalHead, _alive
+from qgen_ray.cluster import LocalHead, pid_alive
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 40  # long enough to kill a trial mid-training (~0.3 s an epoch here)
+EPOCHS = 24  # long enough to kill a trial mid-training (~0.3 s an epoch here)
 STUDY_SCRIPT = f"""
 from qgen_ray.study import Study
 from qgen_ray.study_cli import main
@@ -106,7 +106,7 @@ def faults(head, tmp_path_factory):
 
 def test_killed_trial_process_is_retried_and_resumes(faults):
     study = faults["study"]
-    assert faults["killed"] and not any(_alive(p) for p in faults["killed"])
+    assert faults["killed"] and not any(pid_alive(p) for p in faults["killed"])
     assert "retried 2" in faults["out"]  # Tune saw both deaths and retried both trials
     trials = pd.read_parquet(study / schema.TRIALS).set_index("model_id")
     history = pd.read_parquet(study / schema.HISTORY)
@@ -150,7 +150,7 @@ def test_killed_measure_actor_is_replaced_and_no_result_is_lost(faults, head):
     killed = head.pids("ray::FanOutWorker.run")  # an actor mid-search
     _kill(killed)
     out = run.finish()
-    assert not any(_alive(p) for p in killed)
+    assert not any(pid_alive(p) for p in killed)
     assert "failed and will be retried" not in out
     measures = pd.read_parquet(study / schema.MEASURES)
     ok = pd.read_parquet(study / schema.TRIALS).query("status == 'ok'")["model_id"]

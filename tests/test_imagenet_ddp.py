@@ -125,6 +125,33 @@ def test_transforms_follow_the_imagenet_recipe():
     assert resize.size == 256 and crop.size == (224, 224)
 
 
+def test_image_size_and_schedule_enter_the_id_only_when_set():
+    base = TrainSpec(dataset="cifar10", model="resnet18_cifar")
+    same = TrainSpec(dataset="cifar10", model="resnet18_cifar", lr_schedule="multistep")
+    assert same.model_id == base.model_id  # ids of studies run before these fields: kept
+    ids = {
+        base.model_id,
+        TrainSpec(**SMOKE_SPEC).model_id,
+        TrainSpec(**{**SMOKE_SPEC, "image_size": 224}).model_id,
+        TrainSpec(**{**SMOKE_SPEC, "lr_schedule": "cosine"}).model_id,
+    }
+    assert len(ids) == 4
+
+
+def test_resources_split_and_pack_train_runs():
+    from qgen_ray.ddp.runner import DDPResources
+    from qgen_ray.errors import UserError
+
+    cpu = DDPResources(workers=2, cpus_per_worker=1)
+    assert cpu.per_worker() == {"CPU": 1} and cpu.concurrent_runs({"CPU": 2}) == 1
+    gpu = DDPResources(workers=2, cpus_per_worker=8, gpus_per_worker=1)
+    assert gpu.per_worker() == {"CPU": 8, "GPU": 1}
+    assert gpu.concurrent_runs({"CPU": 64, "GPU": 8}) == 4  # 8 GPUs hold four 2-GPU runs
+    assert DDPResources(1, 4, 0.5).concurrent_runs({"CPU": 16, "GPU": 1}) == 2  # packed
+    with pytest.raises(UserError, match="NCCL"):
+        DDPResources(workers=2, cpus_per_worker=1, gpus_per_worker=0.5)
+
+
 # -- the per-rank loop without Ray ------------------------------------------------------------
 @pytest.fixture
 def process_group(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from qgen_ray import schema, study_cli
 from qgen_ray.errors import UserError, exit_on_user_error
@@ -99,7 +100,7 @@ def parse_weights(items: list[str], models: list[str]) -> dict[str, str]:
                 f"--weights names model {name!r}, which this run does not train; "
                 f"models: {', '.join(models)}"
             )
-        out[name] = path
+        out[name] = str(Path(path).expanduser().resolve())
     return out
 
 
@@ -156,7 +157,8 @@ def describe(studies: tuple[Study, ...], name: str, plan: list) -> dict:
     """study.json: the union of the studies' grids (model and precision vary)."""
     models = sorted({s.model for s, _ in plan})
     precisions = sorted({(s.method, s.bits) for s, _ in plan}, key=lambda p: -p[1])
-    axes = [a for a, n in (("model", len(models)), ("bits", len(precisions))) if n > 1]
+    bits = {b for _, b in precisions}
+    axes = [a for a, n in (("model", len(models)), ("bits", len(bits))) if n > 1]
     return {
         "study": name,
         "dataset": studies[0].dataset,
@@ -164,7 +166,10 @@ def describe(studies: tuple[Study, ...], name: str, plan: list) -> dict:
         "axes": axes,
         "grid": {"model": models},
         "precisions": [list(p) for p in precisions],
-        "protocol": {s.model: s.to_dict() for s, _ in plan},
+        "protocol": {  # per model: the fields every precision of it shares
+            s.model: {k: v for k, v in s.to_dict().items() if k not in ("bits", "method")}
+            for s, _ in plan
+        },
         "num_models": len(plan),
         "description": studies[0].description,
     }
@@ -179,14 +184,12 @@ def resources(args: argparse.Namespace):
     cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
     if args.device == "cuda" and not cluster_gpus:
         raise UserError("--device cuda but the Ray cluster has no GPUs; use --device auto/cpu")
-    use_gpu = args.device != "cpu" and cluster_gpus > 0
-    gpus = (
-        args.gpus_per_trial
-        if args.gpus_per_trial is not None
-        else (args.workers if use_gpu else 0.0)
-    )
     if args.device == "cpu":
         gpus = 0.0
+    elif args.gpus_per_trial is not None:
+        gpus = args.gpus_per_trial
+    else:
+        gpus = float(args.workers) if cluster_gpus > 0 else 0.0
     default_cpus = CPUS_PER_GPU_WORKER if gpus else CPUS_PER_CPU_WORKER
     cpus = args.cpus_per_trial if args.cpus_per_trial is not None else args.workers * default_cpus
     return DDPResources(args.workers, cpus / args.workers, gpus / args.workers)
@@ -248,9 +251,9 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
                 f"{res.gpus_per_worker:g} GPU each",
                 flush=True,
             )
-            options = FinetuneOptions(
-                store=store.uri,
-                data_root=str(args.data_root),
+            options = FinetuneOptions(  # absolute paths: Ray Train workers change directory
+                store=store.root if store.is_local else store.uri,
+                data_root=str(Path(args.data_root).expanduser().resolve()),
                 pretrained_from_hub=args.pretrained_from_hub,
                 cpus_per_worker=res.cpus_per_worker,
                 log_samples=args.log_samples,

@@ -41,12 +41,16 @@ from qgen_ray.ddp.imagefolder import check_imagefolder, image_folder, loader_wor
 from qgen_ray.errors import UserError
 from qgen_ray.provenance import provenance
 from qgen_ray.spec import TrainSpec
-from qgen_ray.store import StudyStore
+from qgen_ray.store import StudyStore, TrialStore
 from qgen_ray.train.build import build_model
 from qgen_ray.train.loop import Diverged, _cpu_state, make_optimizer, make_scheduler
 
 SAMPLES_DIR = "samples"  # trials/<model_id>/samples/epochNNNN-rankR.json (log_samples)
 EVAL_BATCH_FACTOR = 2  # evaluation batch = this x the per-rank training batch (memory only)
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "gap_acc")
+# The epoch record kept in last.pt (as in qgen_ray.train.loop): epochs done, the kept
+# (lowest training loss) epoch and its weights, and the per-epoch history rows.
+FRESH_STATE = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best": None, "history": []}
 
 
 @dataclass(frozen=True)
@@ -184,20 +188,73 @@ def _wrap(model: nn.Module, device: torch.device) -> nn.Module:
     )
 
 
-def _row_header(spec: TrainSpec) -> dict:
-    return {
-        "model_id": spec.model_id,
-        **{k: getattr(spec, k) for k in schema.HPARAM_COLUMNS},
-        "epochs": spec.epochs,
-        "batch_size": spec.batch_size,
-    }
-
-
 def init_weights_label(options: FinetuneOptions) -> str:
     """Where the starting weights came from, for the row (provenance, not hashed)."""
     if options.weights:
         return f"file:{os.path.basename(options.weights)}"
     return "hub" if options.pretrained_from_hub else "none"
+
+
+@dataclass
+class _Run:
+    """The training state of one rank: model, optimizer, schedule and the epoch record
+    (`state` is what `last.pt` keeps besides the three state dicts)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: dict
+    resumed_from: int = 0  # epoch of the last.pt this process started from (0: fresh)
+
+
+def _start(
+    spec: TrainSpec, options: FinetuneOptions, trial: TrialStore, num_classes: int, device
+) -> _Run:
+    """The model from pretrained weights, quantized; or the state of `last.pt` when the
+    run was interrupted (then the weights file is not read again)."""
+    resume = trial.has(schema.LAST_CKPT)
+    torch.manual_seed(spec.seed)
+    model = build_model(
+        spec,
+        num_classes,
+        3,
+        spec.image_size,
+        weights=None if resume else options.weights,
+        pretrained=options.pretrained_from_hub and not resume,
+    ).to(device)
+    if fast_path(device):
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(spec, model)
+    run = _Run(model, optimizer, make_scheduler(spec, optimizer), dict(FRESH_STATE, history=[]))
+    if resume:
+        ckpt = trial.load(schema.LAST_CKPT, map_location=device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        run.state = {k: ckpt[k] for k in FRESH_STATE}
+        run.resumed_from = run.state["epoch"]
+    elif world()[0] == 0:
+        trial.save(schema.INIT_CKPT, _cpu_state(model))
+    return run
+
+
+def _save_last(trial: TrialStore, run: _Run) -> None:
+    trial.save(
+        schema.LAST_CKPT,
+        {
+            **run.state,
+            "model": _cpu_state(run.model),
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+        },
+    )
+
+
+def _log_samples(trial: TrialStore, epoch: int, indices: list[int]) -> None:
+    rank, world_size = world()
+    record = {"epoch": epoch, "rank": rank, "world_size": world_size, "pid": os.getpid()}
+    rel = f"{trial.prefix}/{SAMPLES_DIR}/epoch{epoch:04d}-rank{rank}.json"
+    trial.study.write_json(rel, {**record, "indices": indices})
 
 
 def finetune(
@@ -211,165 +268,138 @@ def finetune(
     `report(metrics)` is called on every rank once per epoch with the same (all-reduced)
     metrics. Resumes from the store's `last.pt` when there is one.
     """
-    from qgen_ray.quant import step_sizes, unwrap
-
     start = time.time()
     rank, world_size = world()
-    if spec.batch_size % world_size:
+    if spec.batch_size % world_size or spec.image_size is None:
         raise UserError(
-            f"batch_size {spec.batch_size} is not divisible by {world_size} workers; "
-            "choose --workers dividing the global batch"
+            f"{spec.model}: needs image_size (got {spec.image_size}) and a global batch "
+            f"({spec.batch_size}) divisible by the {world_size} workers"
         )
-    if spec.image_size is None:
-        raise UserError("an ImageFolder study needs image_size in its protocol (--image-size)")
     torch.set_num_threads(max(1, int(options.cpus_per_worker)))
     trial = StudyStore(options.store).trial(spec.model_id)
     classes = check_imagefolder(options.data_root)
-    resume = trial.has(schema.LAST_CKPT)
+    run = _start(spec, options, trial, len(classes), device)
+    ddp_model = _wrap(run.model, device)
 
-    torch.manual_seed(spec.seed)
-    model = build_model(
-        spec,
-        len(classes),
-        3,
-        spec.image_size,
-        weights=None if resume else options.weights,
-        pretrained=options.pretrained_from_hub and not resume,
-    )
-    model = model.to(device)
-    if fast_path(device):
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(spec, model)
-    scheduler = make_scheduler(spec, optimizer)
-    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best": None, "history": []}
-    resumed_from = 0
-    if resume:
-        ckpt = trial.load(schema.LAST_CKPT, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        state = {k: ckpt[k] for k in state}
-        resumed_from = state["epoch"]
-    elif rank == 0:
-        trial.save(schema.INIT_CKPT, _cpu_state(model))
-    ddp_model = _wrap(model, device)
-
+    loader_args = {
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": loader_workers(options.cpus_per_worker),
+        "pin_memory": device.type == "cuda",
+    }
     per_rank = spec.batch_size // world_size
-    workers = loader_workers(options.cpus_per_worker)
-    pin = device.type == "cuda"
-    common = {"rank": rank, "world_size": world_size, "num_workers": workers, "pin_memory": pin}
     train_set = image_folder(options.data_root, "train", spec.image_size, spec.augment)
     if len(train_set) < world_size:
         raise UserError(
             f"{options.data_root}/train has {len(train_set)} images, fewer than the "
             f"{world_size} workers; use fewer --workers"
         )
-    train_loader = make_loader(train_set, per_rank, train=True, seed=spec.seed, **common)
+    loader = make_loader(train_set, per_rank, train=True, seed=spec.seed, **loader_args)
 
-    status, reason = schema.STATUS_OK, ""
+    state, status, reason = run.state, schema.STATUS_OK, ""
     try:
         for epoch in range(state["epoch"] + 1, spec.epochs + 1):
             seed = epoch_seed(spec.seed, epoch, rank)
             torch.manual_seed(seed)  # transforms in this process (no loader workers)
-            train_loader.generator.manual_seed(seed)  # seeds of loader worker processes
-            train_loader.sampler.set_epoch(epoch)
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_epoch(
-                ddp_model,
-                train_loader,
-                optimizer,
-                device,
-                epoch,
-                spec.epochs,
-                keep_indices=options.log_samples,
-            )
-            scheduler.step()
+            loader.generator.manual_seed(seed)  # seeds of loader worker processes
+            loader.sampler.set_epoch(epoch)
+            lr = run.optimizer.param_groups[0]["lr"]
+            keep = options.log_samples
+            stats = train_epoch(ddp_model, loader, run.optimizer, device, epoch, spec.epochs, keep)
+            run.scheduler.step()
             if not math.isfinite(stats["loss_sum"]):
                 raise Diverged(f"non-finite training loss in epoch {epoch}")
-            epoch_loss = stats["loss_sum"] / stats["images"]
             row = {
                 "epoch": epoch,
-                "train_loss": epoch_loss,
+                "train_loss": stats["loss_sum"] / stats["images"],
                 "train_acc": stats["correct"] / stats["images"],
                 "lr": lr,
                 "seconds": stats["seconds"],
                 "images_per_s": stats["images"] / stats["seconds"],
             }
             state["history"].append(row)
-            if epoch_loss < state["best_loss"]:
-                state.update(best_loss=epoch_loss, best_epoch=epoch, best=_cpu_state(model))
+            if row["train_loss"] < state["best_loss"]:
+                best = _cpu_state(run.model)
+                state.update(best_loss=row["train_loss"], best_epoch=epoch, best=best)
             state["epoch"] = epoch
             if options.log_samples:
-                trial.study.write_json(
-                    f"{trial.prefix}/{SAMPLES_DIR}/epoch{epoch:04d}-rank{rank}.json",
-                    {
-                        "epoch": epoch,
-                        "rank": rank,
-                        "world_size": world_size,
-                        "pid": os.getpid(),
-                        "indices": stats["indices"],
-                    },
-                )
-            last = epoch % options.checkpoint_every == 0 or epoch == spec.epochs
-            if rank == 0 and last:
-                trial.save(
-                    schema.LAST_CKPT,
-                    {
-                        **state,
-                        "model": _cpu_state(model),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                    },
-                )
+                _log_samples(trial, epoch, stats["indices"])
+            if rank == 0 and (epoch % options.checkpoint_every == 0 or epoch == spec.epochs):
+                _save_last(trial, run)
             if report is not None:
                 report({**row, "best_epoch": state["best_epoch"]})
     except Diverged as err:
         status, reason = schema.STATUS_DIVERGED, str(err)
 
-    metrics = dict.fromkeys(
-        ["train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "gap_acc"], math.nan
-    )
-    steps = []
+    metrics = dict.fromkeys(METRICS, math.nan)
     if state["best"] is not None:
-        model.load_state_dict(state["best"])
+        run.model.load_state_dict(state["best"])
         metrics.update(
-            _measure(model, options.data_root, spec.image_size, per_rank, common, device)
+            _measure(
+                run.model,
+                options.data_root,
+                spec.image_size,
+                per_rank * EVAL_BATCH_FACTOR,
+                loader_args,
+                device,
+            )
         )
-        steps = [{"model_id": spec.model_id, **s} for s in step_sizes(model)]
     if rank != 0:
         return None
-    history = state["history"]
     result = {
-        **_row_header(spec),
+        **_row(spec, options, run, status, reason, metrics, device),
+        "num_train": len(train_set),
+        "num_classes": len(classes),
+        "workers": world_size,
+        "seconds": time.time() - start,
+    }
+    if state["best"] is not None:
+        result["final_ckpt"] = trial.save(schema.FINAL_CKPT, state["best"])
+    result["init_ckpt"] = trial.rel(schema.INIT_CKPT)
+    trial.write_result(result)
+    return result
+
+
+def _row(
+    spec: TrainSpec,
+    options,
+    run: _Run,
+    status: str,
+    reason: str,
+    metrics: dict,
+    device: torch.device,
+) -> dict:
+    """The trials.parquet row (schema.TRIALS_COLUMNS and extras) with history and steps."""
+    from qgen_ray.quant import step_sizes, unwrap
+
+    state = run.state
+    history = state["history"]
+    steps = step_sizes(run.model) if state["best"] is not None else []
+    return {
+        "model_id": spec.model_id,
+        **{k: getattr(spec, k) for k in schema.HPARAM_COLUMNS},
+        "epochs": spec.epochs,
+        "batch_size": spec.batch_size,
         "status": status,
         "reason": reason,
         **metrics,
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
-        "num_train": len(train_set),
-        "num_params": sum(p.numel() for p in unwrap(model).parameters()),
-        "num_classes": len(classes),
+        "num_params": sum(p.numel() for p in unwrap(run.model).parameters()),
         "in_channels": 3,
         "image_size": spec.image_size,
-        "workers": world_size,
         "images_per_s": _mean([h["images_per_s"] for h in history[1:] or history]),
         "init_weights": init_weights_label(options),
-        "resumed_from": resumed_from,
+        "resumed_from": run.resumed_from,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
         "history": [{"model_id": spec.model_id, **h} for h in history],
-        "steps": steps,
+        "steps": [{"model_id": spec.model_id, **s} for s in steps],
         "spec": spec.to_dict(),
         **provenance(),
+        **options.extra,
     }
-    if state["best"] is not None:
-        result["final_ckpt"] = trial.save(schema.FINAL_CKPT, state["best"])
-    result["init_ckpt"] = trial.rel(schema.INIT_CKPT)
-    result["seconds"] = time.time() - start
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result["host"] = platform.node()
-    result.update(options.extra)
-    trial.write_result(result)
-    return result
 
 
 def _mean(values: list[float]) -> float:
@@ -377,13 +407,13 @@ def _mean(values: list[float]) -> float:
 
 
 def _measure(
-    model: nn.Module, root: str, image_size: int, per_rank: int, common: dict, device
+    model: nn.Module, root: str, image_size: int, batch: int, loader_args: dict, device
 ) -> dict:
     """Train/val loss and accuracy of the kept model (eval transform), and both gaps."""
     out = {}
     for split, name in (("train", "train"), ("val", "test")):
         data = image_folder(root, split, image_size, augment=False)
-        loader = make_loader(data, per_rank * EVAL_BATCH_FACTOR, train=False, seed=0, **common)
+        loader = make_loader(data, batch, train=False, seed=0, **loader_args)
         out[f"{name}_loss"], out[f"{name}_acc"] = evaluate_loader(model, loader, device)
     out["gap_loss"] = out["test_loss"] - out["train_loss"]
     out["gap_acc"] = out["train_acc"] - out["test_acc"]

@@ -50,6 +50,12 @@ class DDPResources:
     def __post_init__(self) -> None:
         if self.workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
             raise UserError("--workers must be >= 1, CPUs per worker > 0 and GPUs >= 0")
+        if self.workers > 1 and 0 < self.gpus_per_worker < 1:
+            raise UserError(
+                f"{self.workers} DDP workers with {self.gpus_per_worker:g} GPU each could share "
+                "a GPU, which NCCL refuses; give each worker a whole GPU (or use --workers 1 "
+                "to pack runs)"
+            )
 
     @property
     def use_gpu(self) -> bool:

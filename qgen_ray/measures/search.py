@@ -69,6 +69,8 @@ class SearchProtocol:
     antithetic: bool = False  # directions in pairs (u, −u): same law, lower variance
     first_chunk: int | None = None  # images of the first look, doubling after; None: all
     z: float = 2.0  # confidence-interval half-width in standard errors (early decisions)
+    balance: float = 0.0  # stop reading images once SE_img ≤ balance · SE_dir (0: never);
+    #                       2 spends a fixed image budget near-optimally (K/n ≈ 0.3 here)
     ascent_steps: int = 20  # sharpness gradient-ascent steps (QGen App. B.2: 20)
     ascent_lr: float = 1e-4  # ascent SGD learning rate (QGen App. B.2: 1e-4)
     ascent_batch: int = 128  # images per ascent step (paper: the training batch, 128)
@@ -80,14 +82,15 @@ PROTOCOLS: dict[str, SearchProtocol] = {
     "faithful": SearchProtocol(mode="faithful"),
     "fast": SearchProtocol(
         mode="fast",
-        samples=16,
-        restarts=10,
+        samples=64,
+        restarts=16,
         log_space=True,
         interpolate=True,
         lower=1e-6,
         fresh_noise=False,
         antithetic=True,
-        first_chunk=64,
+        first_chunk=32,
+        balance=2.0,
         ascent_batch=32,
         batched=None,
     ),
@@ -196,43 +199,60 @@ class FlatnessSearch:
     def probe(self, radius: float) -> tuple[float, str]:
         """Accuracy drop at `radius` and the verdict: too low, too high, or in band.
 
-        Reads the images in `order`, `first_chunk` of them first and twice as many at
-        every further look (all of them when `first_chunk` is None). The standard error
-        of the paired drop is conditional on the K perturbations and carries the
-        finite-population correction (it is 0 once every training image is read).
+        Reads the images in `order`: `first_chunk` of them, then twice as many at every
+        further look (all of them at once when `first_chunk` is None). After each look:
+        SE_img, the standard error of the mean paired drop over images given the K
+        directions (with the finite-population correction: 0 once all are read), and
+        SE_dir, the standard error over the K directions (over antithetic pairs). It
+        stops early when the confidence interval D ± z·SE_img excludes the target, or
+        when SE_img ≤ `balance`·SE_dir (more images would hardly shrink the error,
+        which the K directions now dominate); the point estimate then decides.
         """
         p = self.protocol
         flat = self.perturbed_weights(radius)
         n_total = self.x.shape[0]
         seen, upto, diffs = 0, min(n_total, p.first_chunk or n_total), []
+        wrong = torch.zeros(flat.shape[0], device=self.x.device)  # per-direction drop sums
         while True:
             correct = correct_predictions(
                 self.model, self.layout, flat, self.x, self.y, self.counter,
                 self.batched, p.eval_batch, index=self.order[seen:upto],
-            )  # fmt: skip
-            clean = self.clean.upto(upto, self.counter)[seen:upto]
-            diffs.append(clean.float() - correct.float().mean(0))
+            ).float()  # fmt: skip
+            clean = self.clean.upto(upto, self.counter)[seen:upto].float()
+            diffs.append(clean - correct.mean(0))
+            wrong += (clean[None] - correct).sum(1)
             seen, upto = upto, min(n_total, 2 * upto)
             d = torch.cat(diffs)
             drop = float(d.mean())
             if seen == n_total:
-                return drop, self._decide(drop, 0.0, final=True)
+                return drop, self._decide(drop, final=True)
             fpc = math.sqrt(1 - seen / n_total)
-            se = float(d.std()) / math.sqrt(seen) * fpc if seen > 1 else 1.0
-            verdict = self._decide(drop, max(se, 1.0 / seen), final=False)
+            se_img = max(float(d.std()) if seen > 1 else 1.0, 1.0 / math.sqrt(seen))
+            se_img *= fpc / math.sqrt(seen)
+            verdict = self._decide(drop, se_img, self._se_directions(wrong / seen))
             if verdict is not None:
                 return drop, verdict
 
-    def _decide(self, drop: float, se: float, final: bool) -> str | None:
+    def _se_directions(self, drops: torch.Tensor) -> float:
+        """Standard error of the mean drop over the K directions (antithetic pairs are
+        one unit each: their two drops are averaged first)."""
+        if self.protocol.antithetic and drops.shape[0] % 2 == 0:
+            half = drops.shape[0] // 2
+            drops = (drops[:half] + drops[half:]) / 2
+        return float(drops.std()) / math.sqrt(drops.shape[0]) if drops.shape[0] > 1 else 0.0
+
+    def _decide(
+        self, drop: float, se_img: float = 0.0, se_dir: float = 0.0, final: bool = False
+    ) -> str | None:
         p = self.protocol
         in_band = abs(drop - p.target) <= p.tolerance
-        if final:
+        if final or se_img <= p.balance * se_dir:
             return IN_BAND if in_band else (TOO_HIGH if drop > p.target else TOO_LOW)
-        if in_band and p.z * se <= p.tolerance:
+        if in_band and p.z * se_img <= p.tolerance:
             return IN_BAND
-        if drop - p.z * se > p.target:
+        if drop - p.z * se_img > p.target:
             return TOO_HIGH
-        if drop + p.z * se < p.target:
+        if drop + p.z * se_img < p.target:
             return TOO_LOW
         return None
 
