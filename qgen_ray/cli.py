@@ -79,7 +79,13 @@ def status(store) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from qgen_ray.stages import corrupt_study, landscape_study, measure_study, report_study
+    from qgen_ray.stages import (
+        corrupt_study,
+        landscape_study,
+        measure_study,
+        placement_from_args,
+        report_study,
+    )
     from qgen_ray.store import StudyStore
 
     args = build_parser().parse_args(argv)
@@ -89,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         print(cluster_check(args.config))
         return
     store = StudyStore(args.study_dir)
-    common = {}
-    if hasattr(args, "gpus_per_task"):
-        common = {k: getattr(args, k) for k in
-                  ("gpus_per_task", "cpus_per_task", "data_root", "address", "device")}
+    common = {"place": placement_from_args(args)} if hasattr(args, "gpus_per_task") else {}
     if args.command == "status":
         print(status(store))
     elif args.command == "collect":

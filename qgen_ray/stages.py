@@ -9,6 +9,7 @@ idempotent: a re-run after a kill finishes only what is missing.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, fields
 
 import pandas as pd
 
@@ -43,11 +44,35 @@ def _data(trials: pd.DataFrame, data_root: str | None):
     return load_image_data(names[0], data_root)
 
 
-def _report_errors(stage: str, errors: list[str]) -> None:
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a stage's work runs: never part of what it computes."""
+
+    gpus_per_task: float = 0.0  # GPUs per worker actor (fractional packs several per GPU)
+    cpus_per_task: float = 1.0  # CPUs per worker actor
+    data_root: str | None = None  # dataset folder (not needed for digits)
+    address: str | None = None  # Ray cluster address; None = local Ray
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+
+
+def _fan(
+    store: StudyStore, place: Placement, trials: pd.DataFrame, job: str, items: list[dict],
+    **kwargs,
+) -> list[str]:
+    """Fan `job` out over `items` with the stage's placement; return the error lines."""
+    from qgen_ray.fanout import fan_out
+    from qgen_ray.tune_runner import init_ray
+
+    init_ray(place.address)
+    _, errors = fan_out(
+        store, job, items, _data(trials, place.data_root), cpus=place.cpus_per_task,
+        gpus=place.gpus_per_task, device=place.device, **kwargs,
+    )
     if errors:
-        print(f"[{stage}] {len(errors)} item(s) failed and will be retried on re-run:")
+        print(f"[{job}] {len(errors)} item(s) failed and will be retried on re-run:")
         for line in errors[:10]:
             print(f"  {line}")
+    return errors
 
 
 def measure_study(
@@ -55,16 +80,10 @@ def measure_study(
     *,
     mode: str = DEFAULT_MEASURE_MODE,
     measures: list[str] | None = None,
-    gpus_per_task: float = 0.0,
-    cpus_per_task: float = 1.0,
-    data_root: str | None = None,
-    address: str | None = None,
-    device: str = "auto",
+    place: Placement = Placement(),
 ) -> str:
     """Sharpness / PAC-Bayes measures of every ok model -> measures.parquet."""
-    from qgen_ray.fanout import fan_out
     from qgen_ray.measures import MEASURES, PROTOCOLS
-    from qgen_ray.tune_runner import init_ray
 
     names = measures or MEASURES.names()
     for name in names:
@@ -78,14 +97,9 @@ def measure_study(
     print(f"[measure] {len(trials)} models, {len(trials) - len(todo)} already measured, "
           f"{len(todo)} to measure ({mode} mode, {len(names)} measures)", flush=True)
     if todo:
-        init_ray(address)
-        _, errors = fan_out(
-            store, "measure", [{"model_id": m} for m in todo], _data(trials, data_root),
-            table=schema.MEASURES, key=["model_id", "measure"],
-            kwargs={"names": names, "mode": mode, "seed": MEASURE_SEED},
-            cpus=cpus_per_task, gpus=gpus_per_task, device=device, label="measure",
-        )
-        _report_errors("measure", errors)
+        _fan(store, place, trials, "measure", [{"model_id": m} for m in todo],
+             table=schema.MEASURES, key=["model_id", "measure"],
+             kwargs={"names": names, "mode": mode, "seed": MEASURE_SEED})
     return store.path(schema.MEASURES)
 
 
@@ -95,16 +109,10 @@ def corrupt_study(
     corruptions: list[str] | None = None,
     severities: list[int] | None = None,
     corrupt_root: str | None = None,
-    gpus_per_task: float = 0.0,
-    cpus_per_task: float = 1.0,
-    data_root: str | None = None,
-    address: str | None = None,
-    device: str = "auto",
+    place: Placement = Placement(),
 ) -> str:
     """Every ok model on every corruption x severity -> corruptions.parquet."""
     from qgen_ray.data.corruptions import CORRUPTIONS, SEVERITIES, validate
-    from qgen_ray.fanout import fan_out
-    from qgen_ray.tune_runner import init_ray
 
     corruptions = list(corruptions or CORRUPTIONS)
     severities = [int(s) for s in (severities or SEVERITIES)]
@@ -116,30 +124,18 @@ def corrupt_study(
     todo = trials[[any((m, c, s) not in have for c, s in sets) for m in trials["model_id"]]]
     print(f"[corrupt] {len(trials)} models x {len(sets)} corrupted sets; "
           f"{len(todo)} models to evaluate", flush=True)
-    if len(todo):
-        data = _data(trials, data_root)
-        if corrupt_root is None:  # validate a published root before any work
-            pass
-        else:
-            from qgen_ray.data.corruption_readers import read_cifar_c
+    if corrupt_root is not None:  # a published set must be complete before any work
+        from qgen_ray.data.corruption_readers import read_cifar_c
 
-            for c, s in sets:
-                read_cifar_c(corrupt_root, c, s)
-        init_ray(address)
-        common = {"cpus": cpus_per_task, "gpus": gpus_per_task, "device": device}
-        _, errors = fan_out(
-            store, "corrupt_prepare", [{"corruption": c, "severity": s} for c, s in sets], data,
-            table=None, key=[], kwargs={"corrupt_root": corrupt_root}, label="corrupt: sets",
-            **common,
-        )
-        items = todo[["model_id", "train_loss"]].to_dict("records")
-        _, more = fan_out(
-            store, "corrupt", items, data, table=schema.CORRUPTIONS,
-            key=["model_id", "corruption", "severity"],
-            kwargs={"sets": sets, "corrupt_root": corrupt_root}, label="corrupt: models",
-            **common,
-        )
-        _report_errors("corrupt", errors + more)
+        for c, sev in sets:
+            read_cifar_c(corrupt_root, c, sev)
+    if len(todo):
+        _fan(store, place, trials, "corrupt_prepare",
+             [{"corruption": c, "severity": sev} for c, sev in sets], table=None, key=[],
+             kwargs={"corrupt_root": corrupt_root}, label="corrupt: sets")
+        _fan(store, place, trials, "corrupt", todo[["model_id", "train_loss"]].to_dict("records"),
+             table=schema.CORRUPTIONS, key=["model_id", "corruption", "severity"],
+             kwargs={"sets": sets, "corrupt_root": corrupt_root}, label="corrupt: models")
     return store.path(schema.CORRUPTIONS)
 
 
@@ -156,15 +152,9 @@ def landscape_study(
     per_precision: int = 1,
     steps: int = 51,
     span: float = 1.0,
-    gpus_per_task: float = 0.0,
-    cpus_per_task: float = 1.0,
-    data_root: str | None = None,
-    address: str | None = None,
-    device: str = "auto",
+    place: Placement = Placement(),
 ) -> str:
     """Filter-normalized loss surfaces of chosen models -> landscapes.parquet."""
-    from qgen_ray.fanout import fan_out
-    from qgen_ray.tune_runner import init_ray
 
     trials = _ok_trials(store)
     chosen = models or pick_landscape_models(trials, per_precision)
@@ -176,14 +166,9 @@ def landscape_study(
     todo = [m for m in chosen if m not in have]
     print(f"[landscape] {len(chosen)} models, {len(todo)} to compute ({steps}x{steps} grid)")
     if todo:
-        init_ray(address)
-        _, errors = fan_out(
-            store, "landscape", [{"model_id": m} for m in todo], _data(trials, data_root),
-            table=schema.LANDSCAPES, key=["model_id", "x", "y"],
-            kwargs={"steps": steps, "span": span, "seed": MEASURE_SEED},
-            cpus=cpus_per_task, gpus=gpus_per_task, device=device, label="landscape",
-        )
-        _report_errors("landscape", errors)
+        _fan(store, place, trials, "landscape", [{"model_id": m} for m in todo],
+             table=schema.LANDSCAPES, key=["model_id", "x", "y"],
+             kwargs={"steps": steps, "span": span, "seed": MEASURE_SEED})
     return store.path(schema.LANDSCAPES)
 
 
@@ -203,18 +188,19 @@ STAGE_FUNCTIONS = {
     "landscape": landscape_study,
     "report": report_study,
 }
-COMMON = ("data_root", "address", "device")
+
+
+def placement_from_args(args: argparse.Namespace) -> Placement:
+    """The Placement fields the command line sets (study scripts call GPUs per trial)."""
+    values = {f.name: getattr(args, f.name) for f in fields(Placement)
+              if getattr(args, f.name, None) is not None}
+    if getattr(args, "gpus_per_trial", None):
+        values["gpus_per_task"] = args.gpus_per_trial
+    return Placement(**values)
 
 
 def run_stage(stage: str, store: StudyStore, args: argparse.Namespace, options: dict) -> str:
-    """Run one stage with the study's options, overridden by whatever `args` sets."""
-    fn = STAGE_FUNCTIONS[stage]
-    kwargs = dict(options)
-    if stage != "report":
-        for name in COMMON:
-            if getattr(args, name, None) is not None:
-                kwargs[name] = getattr(args, name)
-        gpus = getattr(args, "gpus_per_trial", None) or getattr(args, "gpus_per_task", None)
-        if gpus:
-            kwargs["gpus_per_task"] = gpus
-    return fn(store, **kwargs)
+    """Run one stage with the study's options and the command line's placement."""
+    if stage == "report":
+        return report_study(store)
+    return STAGE_FUNCTIONS[stage](store, **options, place=placement_from_args(args))

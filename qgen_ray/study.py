@@ -150,3 +150,27 @@ class Study:
             "num_models": len(self.specs()),
             "description": self.description,
         }
+
+
+def nin_population(dataset: str, depths: list[int]) -> Study:
+    """The paper's NiN population on a CIFAR dataset (METHOD.md §2, QGen Appendix B.3):
+    optimizer x lr (3 each) x weight decay x width x depth = 243 models per precision,
+    at FP32 / int8 / int4 / int2; batch 128, 300 epochs, lr x0.1 at epochs 100 and 200."""
+    return Study(
+        name=f"nin_{dataset}",
+        description=f"NiN on {dataset}: 972 models (243 per precision), 300 epochs each.",
+        dataset=dataset,
+        model="nin",
+        grid={
+            "lr": NIN_LR_GRID,
+            "weight_decay": [0.0, 1e-4, 2e-4],
+            "width": [8, 10, 12],
+            "depth": list(depths),
+        },
+        protocol={"epochs": 300, "batch_size": 128, "milestones": (100, 200)},
+        smoke_grid={"lr": {"sgd": [0.1]}, "weight_decay": [0.0], "width": [1], "depth": [2]},
+        smoke_protocol={"epochs": 1, "milestones": (1,)},
+        cpus_per_trial=2.0,
+        gpus_per_trial=0.25,
+        stages=("train", "measure", "report"),
+    )

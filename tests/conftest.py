@@ -37,6 +37,18 @@ def write_cifar_fixture(root: Path, variant: str = "cifar10", per_batch: int = 2
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Test tensors are tiny: intra-op threads only add contention on a 2-core machine
+    (Ray workers in subprocesses set their own)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def cifar10_root(tmp_path, monkeypatch):
     """A CIFAR-10 fixture; torchvision's MD5 check is bypassed (parsing stays real)."""

@@ -14,15 +14,6 @@ from qgen_ray.quant import STEP_EPS, LSQWeightQuantizer
 BITS = (2, 4, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _weights(bits: int, n: int = 4000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights spread well past both clamp edges for a step of 0.05, plus exact ties."""
     gen = torch.Generator().manual_seed(seed + bits)

@@ -24,15 +24,6 @@ from qgen_ray.quant import (
 from qgen_ray.quant.qar import cluster_penalty, init_codebook, nearest_representative
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     data = load_digits()

@@ -24,15 +24,6 @@ from qgen_ray.quant.lsq import lsq_init_step
 from qgen_ray.quant.vvtq import bin_regularizer, mse_step
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def deit(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return timm.create_model(

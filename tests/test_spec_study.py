@@ -6,7 +6,7 @@ import pytest
 
 from qgen_ray.errors import UserError
 from qgen_ray.spec import TrainSpec
-from qgen_ray.study import NIN_LR_GRID, Study
+from qgen_ray.study import NIN_LR_GRID, Study, nin_population
 
 
 def test_model_id_is_stable_and_depends_only_on_science():
@@ -25,18 +25,8 @@ def test_spec_rejects_impossible_precisions():
         TrainSpec(dataset="digits", model="nin", optimizer="lamb")
 
 
-def _nin_study(depths=(2, 3, 4)) -> Study:
-    return Study(
-        name="x",
-        dataset="cifar10",
-        model="nin",
-        grid={"lr": NIN_LR_GRID, "weight_decay": [0.0, 1e-4, 2e-4], "width": [8, 10, 12],
-              "depth": list(depths)},
-    )
-
-
 def test_paper_nin_grid_has_243_models_per_precision():
-    plan = _nin_study().plan()
+    plan = nin_population("cifar10", [2, 3, 4]).plan()
     assert len(plan) == 972
     per_bits = {}
     for spec, extra in plan:
@@ -44,7 +34,7 @@ def test_paper_nin_grid_has_243_models_per_precision():
         assert spec.lr == NIN_LR_GRID[spec.optimizer][extra["lr_rank"]]
     assert per_bits == {32: 243, 8: 243, 4: 243, 2: 243}
     assert len({s.model_id for s, _ in plan}) == 972
-    assert _nin_study().axes == ["lr_rank", "optimizer", "weight_decay", "width", "depth", "bits"]
+    assert nin_population("cifar100", [3, 4, 5]).axes == ["lr_rank", "optimizer", "weight_decay", "width", "depth", "bits"]
 
 
 def test_unknown_hyperparameter_is_one_clear_error():

@@ -118,3 +118,23 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(tmp_path, capsy
 def test_study_script_bad_flag_value_exits_2():
     out = _run(["studies/demo.py", "--smoke", "--cpus-per-trial", "0", "--storage", "/tmp/q"])
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+
+
+def test_cifar_study_smoke_reads_the_published_layout(cifar10_root, tmp_path):
+    """nin_cifar10 --smoke through Tune on a CIFAR folder in torchvision's pickle format."""
+    import ray
+
+    sys.path.insert(0, str(REPO / "studies"))
+    try:
+        import nin_cifar10
+    finally:
+        sys.path.pop(0)
+    argv = ["--smoke", "--storage", str(tmp_path), "--data-root", str(cifar10_root), "--quiet",
+            "--stages", "train", "--gpus-per-trial", "0"]
+    try:
+        main(nin_cifar10.STUDY, argv)
+    finally:
+        ray.shutdown()
+    trials = pd.read_parquet(tmp_path / "nin_cifar10-smoke" / schema.TRIALS)
+    assert len(trials) == 4 and (trials["status"] == "ok").all()
+    assert set(trials["dataset"]) == {"cifar10"} and (trials["num_train"] == 100).all()
