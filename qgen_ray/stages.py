@@ -203,4 +203,6 @@ def run_stage(stage: str, store: StudyStore, args: argparse.Namespace, options: 
     """Run one stage with the study's options and the command line's placement."""
     if stage == "report":
         return report_study(store)
+    if stage == "corrupt" and getattr(args, "corrupt_root", None):
+        options = {**options, "corrupt_root": args.corrupt_root}
     return STAGE_FUNCTIONS[stage](store, **options, place=placement_from_args(args))

@@ -42,6 +42,9 @@ def parser(study: Study) -> argparse.ArgumentParser:
                    help=f"GPUs per trial, fractional packs trials (default {study.gpus_per_trial})")
     p.add_argument("--stages", nargs="+", default=None, choices=STAGES,
                    help=f"what to run (default: {' '.join(study.stages)})")
+    p.add_argument("--corrupt-root", default=None,
+                   help="published CIFAR-10-C/100-C folder for the corrupt stage; "
+                   "default: generate the corruptions on the fly")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
