@@ -40,10 +40,14 @@ class PILDataset(torch.utils.data.Dataset):
     def __init__(self, data: ImageData):
         self.images = data.train_x.permute(0, 2, 3, 1).numpy()
         self.labels = data.train_y.tolist()
-        self.transform = T.Compose([
-            T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-            T.Normalize(CIFAR10_MEAN, CIFAR10_STD),
-        ])
+        self.transform = T.Compose(
+            [
+                T.RandomCrop(32, padding=4),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(CIFAR10_MEAN, CIFAR10_STD),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,8 +82,19 @@ def tune_overhead(trials: int) -> tuple[float, float]:
     from qgen_ray.tune_runner import init_ray, run_training
 
     data = load_image_data("digits")
-    specs = [TrainSpec(dataset="digits", model="nin", width=1, depth=2, epochs=1, seed=s,
-                       batch_size=64, augment=False) for s in range(trials)]
+    specs = [
+        TrainSpec(
+            dataset="digits",
+            model="nin",
+            width=1,
+            depth=2,
+            epochs=1,
+            seed=s,
+            batch_size=64,
+            augment=False,
+        )
+        for s in range(trials)
+    ]
     t0 = time.time()
     for s in specs:
         train(s, data)
@@ -88,8 +103,15 @@ def tune_overhead(trials: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
         store = StudyStore(os.path.join(tmp, "bench"))
         t0 = time.time()
-        run_training(store, [(s, {}) for s in specs], data, RunOptions(device="cpu"), 1.0, 0.0,
-                     progress=False)
+        run_training(
+            store,
+            [(s, {}) for s in specs],
+            data,
+            RunOptions(device="cpu"),
+            1.0,
+            0.0,
+            progress=False,
+        )
         tuned = time.time() - t0
     return tuned, direct
 
@@ -103,19 +125,36 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     data = cifar_shaped(args.images)
-    spec = TrainSpec(dataset="cifar10", model="nin", width=args.model_width, depth=3, bits=4,
-                     method="lsq", epochs=args.epochs, batch_size=128, milestones=(1000,))
-    print(f"# hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
-    print(f"# model: NiN depth 3 width {args.model_width}, LSQ int4; {args.images} CIFAR-shaped "
-          f"images, batch 128, crop-4 + flip; best of {args.epochs} epochs")
+    spec = TrainSpec(
+        dataset="cifar10",
+        model="nin",
+        width=args.model_width,
+        depth=3,
+        bits=4,
+        method="lsq",
+        epochs=args.epochs,
+        batch_size=128,
+        milestones=(1000,),
+    )
+    print(
+        f"# hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
+    )
+    print(
+        f"# model: NiN depth 3 width {args.model_width}, LSQ int4; {args.images} CIFAR-shaped "
+        f"images, batch 128, crop-4 + flip; best of {args.epochs} epochs"
+    )
     result = train(spec, data, options=RunOptions(device="auto"))
     engine = min(h["seconds"] for h in result["history"])
     rows = [("engine (in-memory uint8, batched augmentation)", engine)]
     for workers in (0, 2):
-        rows.append((f"DataLoader + torchvision transforms, {workers} workers",
-                     plain_epoch_seconds(spec, data, args.epochs, workers)))
+        rows.append(
+            (
+                f"DataLoader + torchvision transforms, {workers} workers",
+                plain_epoch_seconds(spec, data, args.epochs, workers),
+            )
+        )
     for name, sec in rows:
         print(f"{name:<52} {args.images / sec:8.0f} images/s  ({sec:.2f} s/epoch)")
     best_plain = min(sec for _, sec in rows[1:])
@@ -123,9 +162,11 @@ def main() -> None:
     tuned, direct = tune_overhead(args.trials)
     concurrency = max(1, int(os.cpu_count() or 1))
     overhead = (tuned - direct / concurrency) / (args.trials / concurrency)
-    print(f"Tune: {args.trials} one-epoch digits trials in {tuned:.1f} s "
-          f"(direct sequential {direct:.1f} s, {concurrency} concurrent) -> "
-          f"~{overhead:.1f} s overhead per trial slot incl. Ray start-up")
+    print(
+        f"Tune: {args.trials} one-epoch digits trials in {tuned:.1f} s "
+        f"(direct sequential {direct:.1f} s, {concurrency} concurrent) -> "
+        f"~{overhead:.1f} s overhead per trial slot incl. Ray start-up"
+    )
 
 
 if __name__ == "__main__":

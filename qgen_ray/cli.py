@@ -1,12 +1,12 @@
 """`qgen`: the study store's command line (also `python -m qgen_ray`).
 
-    qgen status <study_dir>                  progress from the store alone
-    qgen collect <study_dir>                 rebuild trials/history/steps tables
-    qgen measure <study_dir> [--mode fast|faithful] [--measures ...] [--gpus-per-task G]
-    qgen corrupt <study_dir> [--corruptions ...] [--severities ...] [--corrupt-root DIR]
-    qgen landscape <study_dir> [--models ID ...] [--steps N]
-    qgen report <study_dir>
-    qgen cluster-check [cluster.yaml]        Ray's schema + security rules, offline
+qgen status <study_dir>                  progress from the store alone
+qgen collect <study_dir>                 rebuild trials/history/steps tables
+qgen measure <study_dir> [--mode fast|faithful] [--measures ...] [--gpus-per-task G]
+qgen corrupt <study_dir> [--corruptions ...] [--severities ...] [--corrupt-root DIR]
+qgen landscape <study_dir> [--models ID ...] [--steps N]
+qgen report <study_dir>
+qgen cluster-check [cluster.yaml]        Ray's schema + security rules, offline
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ def _common(p: argparse.ArgumentParser, gpu_flag: bool = True) -> None:
         p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
         p.add_argument("--address", default=None, help="Ray cluster address; default local")
         p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-        p.add_argument("--gpus-per-task", type=float, default=0.0,
-                       help="GPUs per worker actor (fractional packs several per GPU)")
+        p.add_argument(
+            "--gpus-per-task",
+            type=float,
+            default=0.0,
+            help="GPUs per worker actor (fractional packs several per GPU)",
+        )
         p.add_argument("--cpus-per-task", type=float, default=1.0, help="CPUs per worker actor")
 
 
@@ -32,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qgen", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     _common(sub.add_parser("status", help="progress of a study from its store"), gpu_flag=False)
-    _common(sub.add_parser("collect", help="rebuild the Parquet tables from trial folders"),
-            gpu_flag=False)
+    _common(
+        sub.add_parser("collect", help="rebuild the Parquet tables from trial folders"),
+        gpu_flag=False,
+    )
     m = sub.add_parser("measure", help="sharpness and PAC-Bayes measures -> measures.parquet")
     _common(m)
     m.add_argument("--mode", default="fast", help="fast (default) | faithful (paper protocol)")
@@ -42,16 +48,25 @@ def build_parser() -> argparse.ArgumentParser:
     _common(c)
     c.add_argument("--corruptions", nargs="+", default=None, help="names (default: all 15)")
     c.add_argument("--severities", nargs="+", type=int, default=None, help="1..5 (default all)")
-    c.add_argument("--corrupt-root", default=None,
-                   help="published CIFAR-10-C/100-C folder; default: generate on the fly")
+    c.add_argument(
+        "--corrupt-root",
+        default=None,
+        help="published CIFAR-10-C/100-C folder; default: generate on the fly",
+    )
     la = sub.add_parser("landscape", help="2-D loss surfaces -> landscapes.parquet")
     _common(la)
-    la.add_argument("--models", nargs="+", default=None,
-                    help="model ids (default: the lowest-train-loss model per precision)")
+    la.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="model ids (default: the lowest-train-loss model per precision)",
+    )
     la.add_argument("--per-precision", type=int, default=1)
     la.add_argument("--steps", type=int, default=51, help="grid points per axis (paper 51)")
-    _common(sub.add_parser("report", help="report.md / report.html with tables and figures"),
-            gpu_flag=False)
+    _common(
+        sub.add_parser("report", help="report.md / report.html with tables and figures"),
+        gpu_flag=False,
+    )
     cc = sub.add_parser("cluster-check", help="check a `ray up` config offline before using it")
     cc.add_argument("config", nargs="?", default="cluster.yaml", help="default ./cluster.yaml")
     return p
@@ -67,9 +82,11 @@ def status(store) -> str:
         planned = store.read_json(schema.STUDY_JSON).get("num_models")
     counts = progress_counts(store)
     finished = counts["ok"] + counts["diverged"]
-    line = (f"{store.name}: {finished}/{planned if planned is not None else '?'} models done "
-            f"(ok {counts['ok']}, diverged {counts['diverged']}, failed {counts['failed']}), "
-            f"{counts['started']} started without a result")
+    line = (
+        f"{store.name}: {finished}/{planned if planned is not None else '?'} models done "
+        f"(ok {counts['ok']}, diverged {counts['diverged']}, failed {counts['failed']}), "
+        f"{counts['started']} started without a result"
+    )
     for table in (schema.MEASURES, schema.CORRUPTIONS, schema.LANDSCAPES):
         df = store.read_table(table)
         if df is not None:
@@ -108,11 +125,25 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "measure":
         print(measure_study(store, mode=args.mode, measures=args.measures, **common))
     elif args.command == "corrupt":
-        print(corrupt_study(store, corruptions=args.corruptions, severities=args.severities,
-                            corrupt_root=args.corrupt_root, **common))
+        print(
+            corrupt_study(
+                store,
+                corruptions=args.corruptions,
+                severities=args.severities,
+                corrupt_root=args.corrupt_root,
+                **common,
+            )
+        )
     elif args.command == "landscape":
-        print(landscape_study(store, models=args.models, per_precision=args.per_precision,
-                              steps=args.steps, **common))
+        print(
+            landscape_study(
+                store,
+                models=args.models,
+                per_precision=args.per_precision,
+                steps=args.steps,
+                **common,
+            )
+        )
     elif args.command == "report":
         print(report_study(store))
 

@@ -15,7 +15,9 @@ from qgen_ray.store import StudyStore
 def collect(store: StudyStore) -> pd.DataFrame:
     """Rewrite the study's tables from its trial folders; return the trials table."""
     results = store.results()
-    trials = pd.DataFrame([{k: v for k, v in r.items() if k not in ("history", "steps", "spec")} for r in results])
+    trials = pd.DataFrame(
+        [{k: v for k, v in r.items() if k not in ("history", "steps", "spec")} for r in results]
+    )
     if trials.empty:
         trials = pd.DataFrame(columns=schema.TRIALS_COLUMNS)
     ordered = [c for c in schema.TRIALS_COLUMNS if c in trials] + [

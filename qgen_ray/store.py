@@ -29,7 +29,9 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, bool]:
         try:
             fs, path = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, OSError) as err:
-            raise UserError(f"cannot open storage {uri!r} ({err}); pass a folder or a valid URI") from None
+            raise UserError(
+                f"cannot open storage {uri!r} ({err}); pass a folder or a valid URI"
+            ) from None
         return fs, path.rstrip("/"), False
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve()), True
@@ -110,7 +112,9 @@ class StudyStore:
 
     def read_torch(self, rel: str, map_location="cpu"):
         """Load a checkpoint with `weights_only=True`: tensors and plain values only."""
-        return torch.load(io.BytesIO(self.read_bytes(rel)), map_location=map_location, weights_only=True)
+        return torch.load(
+            io.BytesIO(self.read_bytes(rel)), map_location=map_location, weights_only=True
+        )
 
     def write_table(self, rel: str, df: pd.DataFrame) -> None:
         buf = io.BytesIO()

@@ -133,7 +133,9 @@ class Study:
         _check_names(spec for spec, _ in out)
         ids = [s.model_id for s, _ in out]
         if len(set(ids)) != len(ids):
-            raise UserError(f"study {self.name!r} lists the same model twice; remove repeated values")
+            raise UserError(
+                f"study {self.name!r} lists the same model twice; remove repeated values"
+            )
         return out
 
     def describe(self) -> dict:

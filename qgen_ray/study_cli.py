@@ -24,27 +24,58 @@ def parser(study: Study) -> argparse.ArgumentParser:
         prog=f"studies/{study.name}.py",
         description=study.description or f"Run the {study.name} study.",
     )
-    p.add_argument("--storage", default=DEFAULT_STORAGE,
-                   help="study store root: a folder or a pyarrow URI such as s3://bucket/path "
-                   f"(default {DEFAULT_STORAGE}); the study lands in <storage>/<study name>")
-    p.add_argument("--data-root", default=None,
-                   help="folder holding the dataset on disk (CIFAR: the parent of "
-                   "cifar-10-batches-py); not needed for digits")
-    p.add_argument("--download", action="store_true",
-                   help="download the dataset into --data-root if missing (needs network)")
-    p.add_argument("--smoke", action="store_true",
-                   help="a corner of the grid for a few epochs, in <study>-smoke (seconds; CI)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address ('auto' on a head node); default: a local Ray")
-    p.add_argument("--cpus-per-trial", type=float, default=None,
-                   help=f"CPUs per training trial (default {study.cpus_per_trial})")
-    p.add_argument("--gpus-per-trial", type=float, default=None,
-                   help=f"GPUs per trial, fractional packs trials (default {study.gpus_per_trial})")
-    p.add_argument("--stages", nargs="+", default=None, choices=STAGES,
-                   help=f"what to run (default: {' '.join(study.stages)})")
-    p.add_argument("--corrupt-root", default=None,
-                   help="published CIFAR-10-C/100-C folder for the corrupt stage; "
-                   "default: generate the corruptions on the fly")
+    p.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help="study store root: a folder or a pyarrow URI such as s3://bucket/path "
+        f"(default {DEFAULT_STORAGE}); the study lands in <storage>/<study name>",
+    )
+    p.add_argument(
+        "--data-root",
+        default=None,
+        help="folder holding the dataset on disk (CIFAR: the parent of "
+        "cifar-10-batches-py); not needed for digits",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="download the dataset into --data-root if missing (needs network)",
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a corner of the grid for a few epochs, in <study>-smoke (seconds; CI)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster address ('auto' on a head node); default: a local Ray",
+    )
+    p.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help=f"CPUs per training trial (default {study.cpus_per_trial})",
+    )
+    p.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help=f"GPUs per trial, fractional packs trials (default {study.gpus_per_trial})",
+    )
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=None,
+        choices=STAGES,
+        help=f"what to run (default: {' '.join(study.stages)})",
+    )
+    p.add_argument(
+        "--corrupt-root",
+        default=None,
+        help="published CIFAR-10-C/100-C folder for the corrupt stage; "
+        "default: generate the corruptions on the fly",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
@@ -88,13 +119,22 @@ def run(study: Study, args: argparse.Namespace) -> dict:
         store.write_json(schema.STUDY_JSON, record)
         done = tune_runner.finished_ids(store)
         pending = [(s, e) for s, e in plan if s.model_id not in done]
-        print(f"[{study.name}] {len(plan)} models planned, {len(plan) - len(pending)} already "
-              f"done, {len(pending)} to train; store: {store.uri}", flush=True)
+        print(
+            f"[{study.name}] {len(plan)} models planned, {len(plan) - len(pending)} already "
+            f"done, {len(pending)} to train; store: {store.uri}",
+            flush=True,
+        )
         if pending:
             tune_runner.init_ray(args.address)
             tune_runner.run_training(
-                store, pending, data, RunOptions(device=args.device), cpus, gpus,
-                already_done=len(plan) - len(pending), progress=not args.quiet,
+                store,
+                pending,
+                data,
+                RunOptions(device=args.device),
+                cpus,
+                gpus,
+                already_done=len(plan) - len(pending),
+                progress=not args.quiet,
             )
         trials = collect(store)
         counts = trials["status"].value_counts().to_dict() if len(trials) else {}

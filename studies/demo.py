@@ -26,7 +26,10 @@ STUDY = Study(
     cpus_per_trial=1.0,
     stages=("train", "measure", "corrupt", "landscape", "report"),
     stage_options={
-        "corrupt": {"corruptions": ["gaussian_noise", "defocus_blur", "contrast"], "severities": [1, 3, 5]},
+        "corrupt": {
+            "corruptions": ["gaussian_noise", "defocus_blur", "contrast"],
+            "severities": [1, 3, 5],
+        },
         "landscape": {"steps": 21, "per_precision": 1},
     },
 )

@@ -14,7 +14,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_cifar_fixture(root: Path, variant: str = "cifar10", per_batch: int = 20, seed: int = 0) -> Path:
+def write_cifar_fixture(
+    root: Path, variant: str = "cifar10", per_batch: int = 20, seed: int = 0
+) -> Path:
     """A CIFAR folder in the published pickle layout with `per_batch` random images per
     file (5 train batches + test batch + meta). Returns root."""
     from torchvision import datasets

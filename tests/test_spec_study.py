@@ -34,7 +34,14 @@ def test_paper_nin_grid_has_243_models_per_precision():
         assert spec.lr == NIN_LR_GRID[spec.optimizer][extra["lr_rank"]]
     assert per_bits == {32: 243, 8: 243, 4: 243, 2: 243}
     assert len({s.model_id for s, _ in plan}) == 972
-    assert nin_population("cifar100", [3, 4, 5]).axes == ["lr_rank", "optimizer", "weight_decay", "width", "depth", "bits"]
+    assert nin_population("cifar100", [3, 4, 5]).axes == [
+        "lr_rank",
+        "optimizer",
+        "weight_decay",
+        "width",
+        "depth",
+        "bits",
+    ]
 
 
 def test_unknown_hyperparameter_is_one_clear_error():
@@ -44,6 +51,12 @@ def test_unknown_hyperparameter_is_one_clear_error():
 
 
 def test_smoke_is_a_corner_of_the_grid():
-    study = Study(name="x", dataset="digits", model="nin", grid={"width": [1, 2, 3]},
-                  smoke_grid={"width": [1]}, smoke_protocol={"epochs": 1})
+    study = Study(
+        name="x",
+        dataset="digits",
+        model="nin",
+        grid={"width": [1, 2, 3]},
+        smoke_grid={"width": [1]},
+        smoke_protocol={"epochs": 1},
+    )
     assert len(study.smoke().plan()) == 4 and all(s.epochs == 1 for s in study.smoke().specs())

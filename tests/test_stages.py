@@ -27,8 +27,17 @@ def study(tmp_path_factory):
     store = StudyStore(str(tmp_path_factory.mktemp("store") / "mini"))
     data = load_image_data("digits")
     for method, bits in (("fp32", 32), ("lsq", 8), ("lsq", 4), ("lsq", 2)):
-        spec = TrainSpec(dataset="digits", model="nin", width=1, depth=2, epochs=1,
-                         batch_size=64, bits=bits, method=method, augment=False)
+        spec = TrainSpec(
+            dataset="digits",
+            model="nin",
+            width=1,
+            depth=2,
+            epochs=1,
+            batch_size=64,
+            bits=bits,
+            method=method,
+            augment=False,
+        )
         trial = store.trial(spec.model_id)
         trial.write_result(train(spec, data, trial))
     collect(store)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -26,8 +25,15 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
 
 def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def test_demo_smoke_trains_every_precision(tmp_path):
@@ -59,14 +65,21 @@ def test_killed_study_resumes_without_retraining(tmp_path):
     script.write_text(textwrap.dedent(RESUME_SCRIPT.format(epochs=40)))
     study = tmp_path / "store" / "resume"
     cmd = [sys.executable, str(script), "--storage", str(tmp_path / "store"), "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=ENV,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline:  # kill once one model is done and another has begun
             done = list(study.glob("trials/*/result.json"))
-            started = [p for p in study.glob("trials/*/last.pt")
-                       if not (p.parent / "result.json").exists()]
+            started = [
+                p for p in study.glob("trials/*/last.pt") if not (p.parent / "result.json").exists()
+            ]
             if done and started:
                 break
             assert proc.poll() is None, "the study ended before it could be killed"
@@ -129,8 +142,18 @@ def test_cifar_study_smoke_reads_the_published_layout(cifar10_root, tmp_path):
         import nin_cifar10
     finally:
         sys.path.pop(0)
-    argv = ["--smoke", "--storage", str(tmp_path), "--data-root", str(cifar10_root), "--quiet",
-            "--stages", "train", "--gpus-per-trial", "0"]
+    argv = [
+        "--smoke",
+        "--storage",
+        str(tmp_path),
+        "--data-root",
+        str(cifar10_root),
+        "--quiet",
+        "--stages",
+        "train",
+        "--gpus-per-trial",
+        "0",
+    ]
     try:
         main(nin_cifar10.STUDY, argv)
     finally:

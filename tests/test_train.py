@@ -27,8 +27,18 @@ def digits():
 
 
 def _spec(**kw) -> TrainSpec:
-    base = dict(dataset="digits", model="nin", width=1, depth=2, epochs=4, batch_size=64,
-                milestones=(2,), lr=0.05, method="lsq", bits=4)
+    base = dict(
+        dataset="digits",
+        model="nin",
+        width=1,
+        depth=2,
+        epochs=4,
+        batch_size=64,
+        milestones=(2,),
+        lr=0.05,
+        method="lsq",
+        bits=4,
+    )
     return TrainSpec(**{**base, **kw})
 
 

@@ -54,7 +54,9 @@ def _cifar(variant: str, root: str | None, download: bool) -> ImageData:
             f"{variant} under {root} failed its integrity check ({err}); "
             "re-download it with --download into an empty folder"
         ) from None
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if variant == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    mean, std = (
+        (CIFAR10_MEAN, CIFAR10_STD) if variant == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
+    )
 
     def tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()

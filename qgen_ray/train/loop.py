@@ -155,7 +155,9 @@ def train(
             if epoch_loss < state["best_loss"]:
                 state.update(best_loss=epoch_loss, best_epoch=epoch, best=_cpu_state(model))
             state["epoch"] = epoch
-            if store is not None and (epoch % options.checkpoint_every == 0 or epoch == spec.epochs):
+            if store is not None and (
+                epoch % options.checkpoint_every == 0 or epoch == spec.epochs
+            ):
                 store.save(
                     schema.LAST_CKPT,
                     {
