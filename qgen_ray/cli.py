@@ -4,6 +4,7 @@ qgen status <study_dir>                  progress from the store alone
 qgen collect <study_dir>                 rebuild trials/history/steps tables
 qgen measure <study_dir> [--mode fast|faithful] [--measures ...] [--gpus-per-task G]
 qgen corrupt <study_dir> [--corruptions ...] [--severities ...] [--corrupt-root DIR]
+                                         (ImageNet: --corrupt-root IMAGENET-C --data-root DIR)
 qgen landscape <study_dir> [--models ID ...] [--steps N]
 qgen report <study_dir>
 qgen cluster-check [cluster.yaml]        Ray's schema + security rules, offline
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--corrupt-root",
         default=None,
-        help="published CIFAR-10-C/100-C folder; default: generate on the fly",
+        help="published CIFAR-10-C/100-C folder (default: generate on the fly), or "
+        "ImageNet-C (required for ImageNet studies, with --data-root for its classes)",
     )
     la = sub.add_parser("landscape", help="2-D loss surfaces -> landscapes.parquet")
     _common(la)

@@ -26,7 +26,8 @@ FLUSH_S = 5.0  # seconds between table writes while results arrive
 
 @ray.remote(max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
 class FanOutWorker:
-    """Holds the dataset and the store; runs one `qgen_ray.jobs` job per call."""
+    """Holds the dataset (None for jobs reading from disk) and the store; runs one
+    `qgen_ray.jobs` job per call."""
 
     def __init__(self, store_uri: str, data_ref: list, device: str, threads: int):
         import torch
@@ -35,7 +36,7 @@ class FanOutWorker:
         self.store = StudyStore(store_uri)
         # The dataset comes as [ObjectRef] (not a bare ref) so a restarted actor fetches
         # it again from the object store instead of depending on a constructor argument.
-        self.data: ImageData = ray.get(data_ref[0])
+        self.data: ImageData | None = ray.get(data_ref[0])
         self.device = device
 
     def run(self, job: str, item: dict, kwargs: dict) -> tuple[dict, list[dict], str]:
@@ -61,7 +62,7 @@ def fan_out(
     store: StudyStore,
     job: str,
     items: list[dict],
-    data: ImageData,
+    data: ImageData | None,
     *,
     table: str | None,
     key: list[str],

@@ -1,9 +1,10 @@
 """Per-item work of the follow-up jobs, free of Ray: measure one model, build one
-corrupted set, evaluate one model on corrupted sets, compute one loss landscape.
+corrupted set, evaluate one model on corrupted sets (in memory, or ImageNet-C from disk),
+compute one loss landscape.
 
-Each job is `fn(store, data, item, device, **kwargs) -> list of table rows`, looked up by
-name in `JOBS`; `qgen_ray.fanout` runs them on Ray actors, a notebook can call them
-directly.
+Each job is `fn(store, data, item, device, **kwargs) -> list of table rows` (`data` is
+None for jobs that read their images from disk), looked up by name in `JOBS`;
+`qgen_ray.fanout` runs them on Ray actors, a notebook can call them directly.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ def _plain_model(store: StudyStore, model_id: str, which: str, device: torch.dev
 
 @JOBS.register("measure")
 def measure_one(
-    store: StudyStore, data: ImageData, item: dict, device: str, *, names: list[str], mode: str, seed: int
+    store: StudyStore,
+    data: ImageData,
+    item: dict,
+    device: str,
+    *,
+    names: list[str],
+    mode: str,
+    seed: int,
 ) -> list[dict]:
     """Sharpness / PAC-Bayes measures of one model on its full training set."""
     from qgen_ray.measures import compute_measures
@@ -69,7 +77,12 @@ def corrupted_images(
     else:
         nhwc = data.test_x.permute(0, 2, 3, 1).contiguous().numpy()
         images, labels = corrupted_set(
-            corruption_cache(store), nhwc, data.test_y.numpy(), data.name, corruption, severity,
+            corruption_cache(store),
+            nhwc,
+            data.test_y.numpy(),
+            data.name,
+            corruption,
+            severity,
             seed=CORRUPTION_SEED,
         )
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous()
@@ -102,23 +115,73 @@ def corrupt_one(
     rows = []
     for corruption, severity in sets:
         x, y = corrupted_images(store, data, corruption, severity, corrupt_root)
-        loss, acc = evaluate(model, x, y, data.normalize)
         rows.append(
-            {
-                "model_id": item["model_id"],
-                "corruption": corruption,
-                "severity": int(severity),
-                "loss": loss,
-                "accuracy": acc,
-                "gap": loss - item["train_loss"],
-            }
+            _corruption_row(item, corruption, severity, *evaluate(model, x, y, data.normalize))
         )
     return rows
 
 
+def _corruption_row(item: dict, corruption: str, severity: int, loss: float, acc: float) -> dict:
+    """One corruptions.parquet row; gap = corrupted loss - clean training loss."""
+    return {
+        "model_id": item["model_id"],
+        "corruption": corruption,
+        "severity": int(severity),
+        "loss": loss,
+        "accuracy": acc,
+        "gap": loss - item["train_loss"],
+    }
+
+
+@JOBS.register("corrupt_imagenet")
+def corrupt_imagenet_one(
+    store: StudyStore,
+    data: None,
+    item: dict,
+    device: str,
+    *,
+    sets: list[list],
+    corrupt_root: str,
+    class_to_idx: dict[str, int],
+    num_workers: int,
+) -> list[dict]:
+    """`corrupt` for an ImageNet model: every ImageNet-C set in `sets`, read from disk
+    (`data` is None) through the eval transform at the model's `image_size`."""
+    from qgen_ray.ddp.corrupt import evaluate_imagenet_c
+
+    dev = resolve_device(device)
+    model = load_model(store.uri, item["model_id"], "final").to(dev)
+    size = int(item["image_size"])
+    return [
+        _corruption_row(
+            item,
+            corruption,
+            severity,
+            *evaluate_imagenet_c(
+                model,
+                corrupt_root,
+                corruption,
+                severity,
+                class_to_idx,
+                size,
+                dev,
+                num_workers=num_workers,
+            ),
+        )
+        for corruption, severity in sets
+    ]
+
+
 @JOBS.register("landscape")
 def landscape_one(
-    store: StudyStore, data: ImageData, item: dict, device: str, *, steps: int, span: float, seed: int
+    store: StudyStore,
+    data: ImageData,
+    item: dict,
+    device: str,
+    *,
+    steps: int,
+    span: float,
+    seed: int,
 ) -> list[dict]:
     """Filter-normalized 2-D loss surface of one model on its training set (METHOD §5)."""
     from qgen_ray.measures import loss_landscape

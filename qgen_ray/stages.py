@@ -20,6 +20,7 @@ from qgen_ray.loaders import load_trials
 from qgen_ray.store import StudyStore
 
 DEFAULT_MEASURE_MODE = "fast"
+FOLDER_DATASETS = ("imagenet",)  # read from ImageFolders on disk (qgen_ray.ddp), not memory
 MEASURE_SEED = 0  # noise / restarts seed of the sigma searches
 
 
@@ -37,11 +38,15 @@ def _ok_trials(store: StudyStore) -> pd.DataFrame:
     return ok
 
 
-def _data(trials: pd.DataFrame, data_root: str | None):
+def _dataset(trials: pd.DataFrame) -> str:
     names = trials["dataset"].unique().tolist()
     if len(names) != 1:
         raise UserError(f"study mixes datasets {names}; run the stage per dataset")
-    return load_image_data(names[0], data_root)
+    return names[0]
+
+
+def _data(trials: pd.DataFrame, data_root: str | None):
+    return load_image_data(_dataset(trials), data_root)
 
 
 @dataclass(frozen=True)
@@ -56,17 +61,30 @@ class Placement:
 
 
 def _fan(
-    store: StudyStore, place: Placement, trials: pd.DataFrame, job: str, items: list[dict],
+    store: StudyStore,
+    place: Placement,
+    trials: pd.DataFrame,
+    job: str,
+    items: list[dict],
+    in_memory: bool = True,
     **kwargs,
 ) -> list[str]:
-    """Fan `job` out over `items` with the stage's placement; return the error lines."""
+    """Fan `job` out over `items` with the stage's placement; return the error lines.
+    `in_memory=False`: the job reads its images from disk (ImageNet); actors get no dataset."""
     from qgen_ray.fanout import fan_out
     from qgen_ray.tune_runner import init_ray
 
     init_ray(place.address)
+    data = _data(trials, place.data_root) if in_memory else None
     _, errors = fan_out(
-        store, job, items, _data(trials, place.data_root), cpus=place.cpus_per_task,
-        gpus=place.gpus_per_task, device=place.device, **kwargs,
+        store,
+        job,
+        items,
+        data,
+        cpus=place.cpus_per_task,
+        gpus=place.gpus_per_task,
+        device=place.device,
+        **kwargs,
     )
     if errors:
         print(f"[{job}] {len(errors)} item(s) failed and will be retried on re-run:")
@@ -94,12 +112,22 @@ def measure_study(
     done = store.read_table(schema.MEASURES)
     have = set() if done is None else set(zip(done["model_id"], done["measure"]))
     todo = [m for m in trials["model_id"] if any((m, n) not in have for n in names)]
-    print(f"[measure] {len(trials)} models, {len(trials) - len(todo)} already measured, "
-          f"{len(todo)} to measure ({mode} mode, {len(names)} measures)", flush=True)
+    print(
+        f"[measure] {len(trials)} models, {len(trials) - len(todo)} already measured, "
+        f"{len(todo)} to measure ({mode} mode, {len(names)} measures)",
+        flush=True,
+    )
     if todo:
-        _fan(store, place, trials, "measure", [{"model_id": m} for m in todo],
-             table=schema.MEASURES, key=["model_id", "measure"],
-             kwargs={"names": names, "mode": mode, "seed": MEASURE_SEED})
+        _fan(
+            store,
+            place,
+            trials,
+            "measure",
+            [{"model_id": m} for m in todo],
+            table=schema.MEASURES,
+            key=["model_id", "measure"],
+            kwargs={"names": names, "mode": mode, "seed": MEASURE_SEED},
+        )
     return store.path(schema.MEASURES)
 
 
@@ -111,7 +139,11 @@ def corrupt_study(
     corrupt_root: str | None = None,
     place: Placement = Placement(),
 ) -> str:
-    """Every ok model on every corruption x severity -> corruptions.parquet."""
+    """Every ok model on every corruption x severity -> corruptions.parquet.
+
+    In-memory datasets use the published CIFAR-C arrays in `corrupt_root`, or generate
+    the corruptions. ImageNet studies need the published ImageNet-C in `corrupt_root`
+    and the clean ImageFolder in `place.data_root` (its classes label ImageNet-C)."""
     from qgen_ray.data.corruptions import CORRUPTIONS, SEVERITIES, validate
 
     corruptions = list(corruptions or CORRUPTIONS)
@@ -120,23 +152,86 @@ def corrupt_study(
     trials = _ok_trials(store)
     sets = [[c, s] for c in corruptions for s in severities]
     done = store.read_table(schema.CORRUPTIONS)
-    have = set() if done is None else set(zip(done["model_id"], done["corruption"], done["severity"]))
+    have = (
+        set() if done is None else set(zip(done["model_id"], done["corruption"], done["severity"]))
+    )
     todo = trials[[any((m, c, s) not in have for c, s in sets) for m in trials["model_id"]]]
-    print(f"[corrupt] {len(trials)} models x {len(sets)} corrupted sets; "
-          f"{len(todo)} models to evaluate", flush=True)
+    print(
+        f"[corrupt] {len(trials)} models x {len(sets)} corrupted sets; "
+        f"{len(todo)} models to evaluate",
+        flush=True,
+    )
+    if _dataset(trials) in FOLDER_DATASETS:
+        _corrupt_imagenet(store, place, trials, todo, sets, corrupt_root)
+        return store.path(schema.CORRUPTIONS)
     if corrupt_root is not None:  # a published set must be complete before any work
         from qgen_ray.data.corruption_readers import read_cifar_c
 
         for c, sev in sets:
             read_cifar_c(corrupt_root, c, sev)
     if len(todo):
-        _fan(store, place, trials, "corrupt_prepare",
-             [{"corruption": c, "severity": sev} for c, sev in sets], table=None, key=[],
-             kwargs={"corrupt_root": corrupt_root}, label="corrupt: sets")
-        _fan(store, place, trials, "corrupt", todo[["model_id", "train_loss"]].to_dict("records"),
-             table=schema.CORRUPTIONS, key=["model_id", "corruption", "severity"],
-             kwargs={"sets": sets, "corrupt_root": corrupt_root}, label="corrupt: models")
+        _fan(
+            store,
+            place,
+            trials,
+            "corrupt_prepare",
+            [{"corruption": c, "severity": sev} for c, sev in sets],
+            table=None,
+            key=[],
+            kwargs={"corrupt_root": corrupt_root},
+            label="corrupt: sets",
+        )
+        _fan(
+            store,
+            place,
+            trials,
+            "corrupt",
+            todo[["model_id", "train_loss"]].to_dict("records"),
+            table=schema.CORRUPTIONS,
+            key=["model_id", "corruption", "severity"],
+            kwargs={"sets": sets, "corrupt_root": corrupt_root},
+            label="corrupt: models",
+        )
     return store.path(schema.CORRUPTIONS)
+
+
+def _corrupt_imagenet(
+    store: StudyStore,
+    place: Placement,
+    trials: pd.DataFrame,
+    todo: pd.DataFrame,
+    sets: list[list],
+    corrupt_root: str,
+) -> None:
+    """The ImageNet half of `corrupt_study`. The flags and the clean classes are checked
+    on every call; the ImageNet-C sets (listing their files takes a while) when there is
+    work, all of them before any is evaluated."""
+    from qgen_ray.ddp.corrupt import check_imagenet_c
+    from qgen_ray.ddp.imagefolder import loader_workers
+
+    num_classes = {int(n) for n in trials["num_classes"]}
+    checked = sets if len(todo) else []
+    root, class_to_idx = check_imagenet_c(corrupt_root, place.data_root, checked, num_classes)
+    if not len(todo):
+        return
+    items = todo[["model_id", "train_loss", "image_size"]].to_dict("records")
+    _fan(
+        store,
+        place,
+        trials,
+        "corrupt_imagenet",
+        items,
+        in_memory=False,
+        table=schema.CORRUPTIONS,
+        key=["model_id", "corruption", "severity"],
+        kwargs={
+            "sets": sets,
+            "corrupt_root": root,
+            "class_to_idx": class_to_idx,
+            "num_workers": loader_workers(place.cpus_per_task),
+        },
+        label="corrupt: models",
+    )
 
 
 def pick_landscape_models(trials: pd.DataFrame, per_precision: int) -> list[str]:
@@ -160,15 +255,24 @@ def landscape_study(
     chosen = models or pick_landscape_models(trials, per_precision)
     unknown = sorted(set(chosen) - set(trials["model_id"]))
     if unknown:
-        raise UserError(f"unknown or unfinished model id {unknown[0]}; see `qgen status {store.uri}`")
+        raise UserError(
+            f"unknown or unfinished model id {unknown[0]}; see `qgen status {store.uri}`"
+        )
     done = store.read_table(schema.LANDSCAPES)
     have = set() if done is None else set(done["model_id"])
     todo = [m for m in chosen if m not in have]
     print(f"[landscape] {len(chosen)} models, {len(todo)} to compute ({steps}x{steps} grid)")
     if todo:
-        _fan(store, place, trials, "landscape", [{"model_id": m} for m in todo],
-             table=schema.LANDSCAPES, key=["model_id", "x", "y"],
-             kwargs={"steps": steps, "span": span, "seed": MEASURE_SEED})
+        _fan(
+            store,
+            place,
+            trials,
+            "landscape",
+            [{"model_id": m} for m in todo],
+            table=schema.LANDSCAPES,
+            key=["model_id", "x", "y"],
+            kwargs={"steps": steps, "span": span, "seed": MEASURE_SEED},
+        )
     return store.path(schema.LANDSCAPES)
 
 
@@ -177,8 +281,10 @@ def report_study(store: StudyStore) -> str:
     from qgen_ray.analysis.report import write_report
 
     if not store.is_local:
-        raise UserError("qgen report needs a local study folder; copy the Parquet tables "
-                        "down first (e.g. aws s3 sync s3://.../<study> ./<study>)")
+        raise UserError(
+            "qgen report needs a local study folder; copy the Parquet tables "
+            "down first (e.g. aws s3 sync s3://.../<study> ./<study>)"
+        )
     return str(write_report(store.root))
 
 
@@ -192,8 +298,11 @@ STAGE_FUNCTIONS = {
 
 def placement_from_args(args: argparse.Namespace) -> Placement:
     """The Placement fields the command line sets (study scripts call GPUs per trial)."""
-    values = {f.name: getattr(args, f.name) for f in fields(Placement)
-              if getattr(args, f.name, None) is not None}
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(Placement)
+        if getattr(args, f.name, None) is not None
+    }
     if getattr(args, "gpus_per_trial", None):
         values["gpus_per_task"] = args.gpus_per_trial
     return Placement(**values)

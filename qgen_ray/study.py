@@ -176,3 +176,37 @@ def nin_population(dataset: str, depths: list[int]) -> Study:
         gpus_per_trial=0.25,
         stages=("train", "measure", "report"),
     )
+
+
+# --smoke of the ImageNet studies: 2 epochs of 32-px crops, a global batch of 4.
+IMAGENET_SMOKE_PROTOCOL = {"epochs": 2, "milestones": (1,), "batch_size": 4, "image_size": 32}
+
+
+def imagenet_cnns(name: str, **overrides) -> Study:
+    """The paper's ImageNet CNNs (METHOD.md §7, QGen Appendix B.1): ResNet-18, ResNet-50
+    and MobileNetV2 fine-tuned from torchvision's pretrained weights at FP32 / LSQ 8/4/2
+    with SGD lr 0.01, momentum 0.9, weight decay 1e-4, 120 epochs, lr x0.1 at 30/60/90,
+    a global batch of 256 (torchvision's recipe) and 224-px crops. `overrides` replace
+    Study fields (description, stages, smoke_precisions, ...); the model ids depend only
+    on the grid, precisions and protocol, so every study built here shares them."""
+    study = Study(
+        name=name,
+        dataset="imagenet",
+        model="resnet18",
+        grid={"model": ["resnet18", "resnet50", "mobilenet_v2"]},
+        precisions=PAPER_PRECISIONS,
+        protocol={
+            "optimizer": "sgd",
+            "lr": 0.01,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "epochs": 120,
+            "milestones": (30, 60, 90),
+            "batch_size": 256,
+            "image_size": 224,
+        },
+        smoke_grid={"model": ["resnet18"]},
+        smoke_protocol=IMAGENET_SMOKE_PROTOCOL,
+        smoke_precisions=(("lsq", 4),),
+    )
+    return replace(study, **overrides)

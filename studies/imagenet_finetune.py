@@ -15,31 +15,12 @@ models x precisions drives them, several at once when the cluster holds them.
 """
 
 from qgen_ray.ddp.cli import main as finetune_main
-from qgen_ray.study import PAPER_PRECISIONS, Study
+from qgen_ray.study import IMAGENET_SMOKE_PROTOCOL, Study, imagenet_cnns
 
-SMOKE_PROTOCOL = {"epochs": 2, "milestones": (1,), "batch_size": 4, "image_size": 32}
-
-CNNS = Study(
-    name="imagenet_finetune",
+CNNS = imagenet_cnns(
+    "imagenet_finetune",
     description="ImageNet fine-tuning of pretrained CNNs (LSQ) and ViTs (VVTQ) at four "
     "precisions with Ray Train DDP.",
-    dataset="imagenet",
-    model="resnet18",
-    grid={"model": ["resnet18", "resnet50", "mobilenet_v2"]},
-    precisions=PAPER_PRECISIONS,
-    protocol={
-        "optimizer": "sgd",
-        "lr": 0.01,
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "epochs": 120,
-        "milestones": (30, 60, 90),
-        "batch_size": 256,
-        "image_size": 224,
-    },
-    smoke_grid={"model": ["resnet18"]},
-    smoke_protocol=SMOKE_PROTOCOL,
-    smoke_precisions=(("lsq", 4),),
 )
 
 VITS = Study(
@@ -58,7 +39,7 @@ VITS = Study(
         "image_size": 224,
     },
     smoke_grid={"model": ["deit_tiny"]},
-    smoke_protocol=SMOKE_PROTOCOL,
+    smoke_protocol=IMAGENET_SMOKE_PROTOCOL,
     smoke_precisions=(("vvtq", 4),),
 )
 

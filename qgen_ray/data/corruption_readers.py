@@ -5,8 +5,8 @@
     ImageNet-C                 <root>/<corruption>/<severity>/<wnid>/*.JPEG
 
 `root` is the user's `--corrupt-root`. A missing or malformed file is a `UserError` naming
-the path and the fix: download the set, or omit `--corrupt-root` to generate the
-corruptions on the fly (`corruptions.corrupted_set`).
+the path and the fix: download the set, or (CIFAR) omit `--corrupt-root` to generate the
+corruptions on the fly (`corruptions.corrupted_set`); ImageNet-C must be downloaded.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ _CIFAR_C_FIX = (
     " /3555552) and pass --corrupt-root DIR, or omit --corrupt-root to generate corruptions"
     " on the fly"
 )
+IMAGENET_C_URL = "zenodo.org/records/2235448"  # ImageNet-C (Hendrycks & Dietterich)
+# ImageNet-C is never generated on the fly (50,000 images x 75 sets): the fix is the download.
 _IMAGENET_C_FIX = (
-    "download ImageNet-C from Hendrycks & Dietterich (zenodo.org/records/2235448) and pass"
-    " --corrupt-root DIR, or omit --corrupt-root to generate corruptions on the fly"
+    f"download ImageNet-C from Hendrycks & Dietterich ({IMAGENET_C_URL}) and pass"
+    " --corrupt-root DIR holding <corruption>/<severity>/<wnid>/*.JPEG"
 )
 
 

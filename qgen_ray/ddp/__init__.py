@@ -3,7 +3,8 @@
     imagefolder  the ImageFolder on disk: checks, ImageNet transforms, sharded loaders
     loop         one rank's fine-tuning run (`finetune`): plain PyTorch, no Ray
     runner       Ray Train inside Ray Tune: one TorchTrainer per model (`run_finetune`)
-    cli          the flags of studies/imagenet_finetune.py on top of qgen_ray.study_cli
+    corrupt      ImageNet-C evaluation of the fine-tuned models (the corrupt stage)
+    cli          the flags of the ImageNet study scripts on top of qgen_ray.study_cli
 
 Only `runner` imports Ray.
 """

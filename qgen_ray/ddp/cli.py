@@ -1,8 +1,10 @@
-"""The command line of the ImageNet fine-tuning study: the shared study flags plus DDP's.
+"""The command line of the ImageNet studies: the shared study flags plus DDP's.
 
     python studies/imagenet_finetune.py --data-root DIR --weights resnet18=r18.pt ...
         [--workers N] [--image-size PX] [--models NAME ...] [--pretrained-from-hub]
         [--log-samples] + every flag of qgen_ray.study_cli (--storage, --smoke, ...)
+    python studies/corruption_imagenet.py ... --corrupt-root IMAGENET-C
+        [--corruptions NAME ...] [--severities N ...]    (stages train corrupt report)
 
 Everything a user can get wrong (the ImageFolder, the weights, the flags) is checked on
 the driver before Ray starts, each as one line with exit status 2. A re-run skips the
@@ -17,11 +19,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from qgen_ray import schema, study_cli
+from qgen_ray.ddp.corrupt import check_imagenet_c, require_corrupt_root
 from qgen_ray.errors import UserError, exit_on_user_error
 from qgen_ray.spec import TrainSpec
 from qgen_ray.study import Study
 
-DDP_STAGES = ("train", "report")  # measures / corruptions need in-memory data (not ImageNet)
+DDP_STAGES = ("train", "corrupt", "report")  # measures / landscapes need in-memory data
 CPUS_PER_GPU_WORKER = 8  # default CPUs of a GPU worker (JPEG decoding keeps a GPU fed)
 CPUS_PER_CPU_WORKER = 1  # default CPUs of a CPU-only worker
 
@@ -35,7 +38,9 @@ def parser(studies: tuple[Study, ...]) -> argparse.ArgumentParser:
         "gpus_per_trial": "GPUs of one Train run, split evenly over its --workers (default: "
         "1 per worker when the cluster has GPUs, else 0)",
         "data_root": "folder holding the train/ and val/ ImageFolders (one folder per class)",
-        "stages": f"what to run: {' '.join(DDP_STAGES)} (default train)",
+        "stages": f"what to run: {' '.join(DDP_STAGES)} (default {' '.join(studies[0].stages)})",
+        "corrupt_root": "the published ImageNet-C folder, <corruption>/<severity>/<wnid>/"
+        "*.JPEG (required by the corrupt stage)",
     }
     for action in p._actions:
         action.help = helps.get(action.dest, action.help)
@@ -73,6 +78,19 @@ def parser(studies: tuple[Study, ...]) -> argparse.ArgumentParser:
         default=None,
         choices=models,
         help="train only these models (default: all of the study)",
+    )
+    p.add_argument(
+        "--corruptions",
+        nargs="+",
+        default=None,
+        help="corrupt stage: ImageNet-C corruptions to evaluate (default: all 15)",
+    )
+    p.add_argument(
+        "--severities",
+        nargs="+",
+        type=int,
+        default=None,
+        help="corrupt stage: severities 1..5 to evaluate (default: all 5)",
     )
     p.add_argument(
         "--log-samples",
@@ -205,7 +223,7 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
 
     if args.download:
         raise UserError("ImageNet cannot be downloaded here; put it under --data-root yourself")
-    stages = args.stages or ["train"]
+    stages = args.stages or list(studies[0].stages)
     if unknown := [s for s in stages if s not in DDP_STAGES]:
         raise UserError(
             f"stage {unknown[0]} does not run on ImageNet; choose from {', '.join(DDP_STAGES)}"
@@ -224,8 +242,11 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
                 f"{spec.batch_size} of {spec.model}; pick a divisor"
             )
     store = StudyStore.for_study(args.storage, name)
+    corrupt = corrupt_options(studies[0], args) if "corrupt" in stages else {}
     outputs: dict[str, str] = {}
     if "train" in stages:
+        if corrupt:  # ImageNet-C checked before the (long) training, not after it
+            check_imagenet_c(args.corrupt_root, args.data_root, corrupt["sets"])
         classes = check_imagefolder(args.data_root)
         models = sorted({s.model for s, _ in plan})
         weights = parse_weights(args.weights, models)
@@ -271,6 +292,8 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
         counts = trials["status"].value_counts().to_dict() if len(trials) else {}
         print(f"[{name}] trials: {counts}", flush=True)
         outputs["trials"] = store.path(schema.TRIALS)
+    if "corrupt" in stages:
+        outputs["corrupt"] = run_corrupt(store, args, corrupt)
     if "report" in stages:
         from qgen_ray import stages as stage_impl
 
@@ -278,8 +301,46 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     return outputs
 
 
+def corrupt_options(study: Study, args: argparse.Namespace) -> dict:
+    """The corrupt stage's corruptions and severities (flags over the study's
+    `stage_options`), validated, with their (corruption, severity) `sets`."""
+    from qgen_ray.data.corruptions import CORRUPTIONS, SEVERITIES, validate
+
+    require_corrupt_root(args.corrupt_root)
+    options = study.stage_options.get("corrupt", {})
+    corruptions = list(args.corruptions or options.get("corruptions") or CORRUPTIONS)
+    severities = list(args.severities or options.get("severities") or SEVERITIES)
+    validate(corruptions, severities)
+    sets = [[c, s] for c in corruptions for s in severities]
+    return {"corruptions": corruptions, "severities": severities, "sets": sets}
+
+
+def run_corrupt(store, args: argparse.Namespace, options: dict) -> str:
+    """ImageNet-C evaluation of the study's models: one worker actor holds the CPUs and
+    GPUs of one DDP worker (`resources`), several actors evaluate models side by side."""
+    from qgen_ray.stages import Placement, corrupt_study
+    from qgen_ray.tune_runner import init_ray
+
+    init_ray(args.address)
+    res = resources(args)
+    place = Placement(
+        gpus_per_task=res.gpus_per_worker,
+        cpus_per_task=res.cpus_per_worker,
+        data_root=args.data_root,
+        address=args.address,
+        device=args.device,
+    )
+    return corrupt_study(
+        store,
+        corruptions=options["corruptions"],
+        severities=options["severities"],
+        corrupt_root=args.corrupt_root,
+        place=place,
+    )
+
+
 def main(studies: tuple[Study, ...], argv: list[str] | None = None) -> dict:
-    """Entry point of studies/imagenet_finetune.py."""
+    """Entry point of studies/imagenet_finetune.py and studies/corruption_imagenet.py."""
     args = parser(studies).parse_args(argv)
     outputs = exit_on_user_error(run)(studies, args)
     for name, path in outputs.items():

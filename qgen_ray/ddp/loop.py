@@ -162,11 +162,12 @@ def train_epoch(
 @torch.no_grad()
 def evaluate_loader(model: nn.Module, loader, device: torch.device) -> tuple[float, float]:
     """(mean loss, accuracy) over every rank's shard, eval mode. Pass the unwrapped model:
-    ranks may hold different numbers of batches, and DDP's forward would wait for peers."""
+    ranks may hold different numbers of batches, and DDP's forward would wait for peers.
+    Batches are (images, labels) or (images, labels, indices)."""
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
-    for x, y, _ in loader:
+    for x, y, *_ in loader:
         x, y = _to_device(x, device), y.to(device, non_blocking=True)
         with _autocast(device):
             logits = model(x)

@@ -82,7 +82,7 @@ PROTOCOLS: dict[str, SearchProtocol] = {
     "faithful": SearchProtocol(mode="faithful"),
     "fast": SearchProtocol(
         mode="fast",
-        samples=64,
+        samples=32,
         restarts=16,
         log_space=True,
         interpolate=True,
@@ -91,7 +91,7 @@ PROTOCOLS: dict[str, SearchProtocol] = {
         antithetic=True,
         first_chunk=32,
         balance=2.0,
-        ascent_batch=32,
+        ascent_batch=8,
         batched=None,
     ),
 }
@@ -167,7 +167,7 @@ class FlatnessSearch:
         if self.protocol.fresh_noise or self._batches is None:
             p, n = self.protocol, self.x.shape[0]
             need = p.ascent_steps * p.ascent_batch
-            perms = [
+            perms = [torch.empty(0, dtype=torch.long, device=self.x.device)] + [
                 torch.randperm(n, generator=self.gen, device=self.x.device)
                 for _ in range(math.ceil(need / n))
             ]
