@@ -123,3 +123,17 @@ class RunOptions:
     data_root: str | None = None  # folder holding CIFAR / ImageNet on disk
     checkpoint_every: int = 1  # epochs between resumable checkpoints (last.pt)
     extra: dict = field(default_factory=dict)
+
+
+def row_header(spec: TrainSpec, status: str, reason: str = "") -> dict:
+    """The first columns of a trials.parquet row: id, hyperparameters, protocol, status."""
+    from qgen_ray import schema
+
+    return {
+        "model_id": spec.model_id,
+        **{k: getattr(spec, k) for k in schema.HPARAM_COLUMNS},
+        "epochs": spec.epochs,
+        "batch_size": spec.batch_size,
+        "status": status,
+        "reason": reason,
+    }

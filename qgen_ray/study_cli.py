@@ -13,6 +13,7 @@ import argparse
 
 from qgen_ray import schema
 from qgen_ray.errors import UserError, exit_on_user_error
+from qgen_ray.store import StudyStore
 from qgen_ray.study import Study
 
 DEFAULT_STORAGE = "./results"
@@ -81,13 +82,30 @@ def parser(study: Study) -> argparse.ArgumentParser:
     return p
 
 
-def _provenance() -> dict:
+def write_study_record(store: StudyStore, record: dict) -> None:
+    """study.json: the study's declaration plus provenance; a re-run keeps `created_at`."""
     from datetime import datetime, timezone
 
     from qgen_ray.provenance import provenance
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return {"created_at": now, "provenance": provenance()}
+    if store.exists(schema.STUDY_JSON):
+        now = store.read_json(schema.STUDY_JSON).get("created_at", now)
+    store.write_json(schema.STUDY_JSON, {**record, "created_at": now, "provenance": provenance()})
+
+
+def pending_models(store: StudyStore, plan: list, name: str, verb: str = "train") -> list:
+    """The planned (spec, extra) pairs without an ok / diverged result; says how many."""
+    from qgen_ray.tune_runner import finished_ids
+
+    done = finished_ids(store)
+    pending = [(s, e) for s, e in plan if s.model_id not in done]
+    print(
+        f"[{name}] {len(plan)} models planned, {len(plan) - len(pending)} already done, "
+        f"{len(pending)} to {verb}; store: {store.uri}",
+        flush=True,
+    )
+    return pending
 
 
 def run(study: Study, args: argparse.Namespace) -> dict:
@@ -113,17 +131,8 @@ def run(study: Study, args: argparse.Namespace) -> dict:
         from qgen_ray.collect import collect
 
         data = load_image_data(study.dataset, args.data_root, args.download)
-        record = {**study.describe(), **_provenance()}
-        if store.exists(schema.STUDY_JSON):  # a re-run keeps the study's creation time
-            record["created_at"] = store.read_json(schema.STUDY_JSON).get("created_at")
-        store.write_json(schema.STUDY_JSON, record)
-        done = tune_runner.finished_ids(store)
-        pending = [(s, e) for s, e in plan if s.model_id not in done]
-        print(
-            f"[{study.name}] {len(plan)} models planned, {len(plan) - len(pending)} already "
-            f"done, {len(pending)} to train; store: {store.uri}",
-            flush=True,
-        )
+        write_study_record(store, study.describe())
+        pending = pending_models(store, plan, study.name)
         if pending:
             tune_runner.init_ray(args.address)
             tune_runner.run_training(

@@ -22,7 +22,7 @@ from qgen_ray import schema
 from qgen_ray.collect import collect
 from qgen_ray.data.base import ImageData
 from qgen_ray.provenance import provenance
-from qgen_ray.spec import RunOptions, TrainSpec
+from qgen_ray.spec import RunOptions, TrainSpec, row_header
 from qgen_ray.store import StudyStore
 from qgen_ray.train import train
 
@@ -74,12 +74,7 @@ def failed_result(spec: TrainSpec, err: BaseException) -> dict:
     last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
     where = f" at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno}" if last else ""
     return {
-        "model_id": spec.model_id,
-        **{k: getattr(spec, k) for k in schema.HPARAM_COLUMNS},
-        "epochs": spec.epochs,
-        "batch_size": spec.batch_size,
-        "status": schema.STATUS_FAILED,
-        "reason": f"{err.__class__.__name__}: {err}{where}"[:500],
+        **row_header(spec, schema.STATUS_FAILED, f"{err.__class__.__name__}: {err}{where}"[:500]),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "spec": spec.to_dict(),
         **provenance(),

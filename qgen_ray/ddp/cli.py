@@ -14,7 +14,6 @@ finished models and resumes the others from their last epoch.
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -219,7 +218,7 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     from qgen_ray.ddp.imagefolder import check_imagefolder
     from qgen_ray.ddp.loop import FinetuneOptions
     from qgen_ray.store import StudyStore
-    from qgen_ray.tune_runner import finished_ids, init_ray
+    from qgen_ray.tune_runner import init_ray
 
     if args.download:
         raise UserError("ImageNet cannot be downloaded here; put it under --data-root yourself")
@@ -252,16 +251,8 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
         weights = parse_weights(args.weights, models)
         check_weights(plan, weights, args.pretrained_from_hub, len(classes))
         store.check_writable()
-        store.write_json(
-            schema.STUDY_JSON, {**describe(studies, name, plan), "created_at": time.time()}
-        )
-        done = finished_ids(store)
-        pending = [(s, e) for s, e in plan if s.model_id not in done]
-        print(
-            f"[{name}] {len(plan)} models planned, {len(plan) - len(pending)} already "
-            f"done, {len(pending)} to fine-tune; store: {store.uri}",
-            flush=True,
-        )
+        study_cli.write_study_record(store, describe(studies, name, plan))
+        pending = study_cli.pending_models(store, plan, name, verb="fine-tune")
         if pending:
             from qgen_ray.ddp.runner import run_finetune
 

@@ -40,7 +40,7 @@ from qgen_ray import schema
 from qgen_ray.ddp.imagefolder import check_imagefolder, image_folder, loader_workers, make_loader
 from qgen_ray.errors import UserError
 from qgen_ray.provenance import provenance
-from qgen_ray.spec import TrainSpec
+from qgen_ray.spec import TrainSpec, row_header
 from qgen_ray.store import StudyStore, TrialStore
 from qgen_ray.train.build import build_model
 from qgen_ray.train.loop import Diverged, _cpu_state, make_optimizer, make_scheduler
@@ -377,12 +377,7 @@ def _row(
     history = state["history"]
     steps = step_sizes(run.model) if state["best"] is not None else []
     return {
-        "model_id": spec.model_id,
-        **{k: getattr(spec, k) for k in schema.HPARAM_COLUMNS},
-        "epochs": spec.epochs,
-        "batch_size": spec.batch_size,
-        "status": status,
-        "reason": reason,
+        **row_header(spec, status, reason),
         **metrics,
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],

@@ -25,11 +25,7 @@ from qgen_ray.errors import UserError
 
 def measured_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The perturbed / counted tensors of a (folded) model, by qualified name, detached."""
-    return {
-        name: p.detach()
-        for name, p in model.named_parameters()
-        if torch.is_floating_point(p)
-    }
+    return {name: p.detach() for name, p in model.named_parameters() if torch.is_floating_point(p)}
 
 
 @dataclass(frozen=True)

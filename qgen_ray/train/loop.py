@@ -28,7 +28,7 @@ from torch import nn
 from qgen_ray import schema
 from qgen_ray.data.base import ImageData
 from qgen_ray.provenance import provenance
-from qgen_ray.spec import RunOptions, TrainSpec
+from qgen_ray.spec import RunOptions, TrainSpec, row_header
 from qgen_ray.store import TrialStore
 from qgen_ray.train.build import build_model
 from qgen_ray.train.evaluate import evaluate
@@ -174,12 +174,7 @@ def train(
         status, reason = schema.STATUS_DIVERGED, str(err)
 
     result = {
-        "model_id": spec.model_id,
-        **{k: getattr(spec, k) for k in schema.HPARAM_COLUMNS},
-        "epochs": spec.epochs,
-        "batch_size": spec.batch_size,
-        "status": status,
-        "reason": reason,
+        **row_header(spec, status, reason),
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
         "num_train": n,
