@@ -27,6 +27,14 @@ from qgen_ray.spec import RunOptions, TrainSpec
 from qgen_ray.train import build_model, make_optimizer, train
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def cifar_shaped(n: int) -> ImageData:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)

@@ -10,7 +10,8 @@ Public API (no Ray inside; the fan-out jobs call these per model):
 
 Modules: params (which tensors are the weights), bn_fold, formulas (the bounds),
 perturb (perturbation families, gradient ascent), evaluate (batched evaluation, image
-accounting), search (σ / α bisection, faithful and fast), api, landscape.
+accounting), search (σ / α bisection, faithful and fast), api, landscape; toy (tiny
+digits CNNs for tests and the benchmark).
 """
 
 from qgen_ray.measures.api import MEASURES, Measure, compute_measures

@@ -64,8 +64,8 @@ class Measure:
 MEASURES: Registry[Measure] = Registry("measure")
 for _family in FAMILIES:
     for _reference in ("init", "orig"):
-        MEASURES.add(f"{_family}_{_reference}", Measure(f"{_family}_{_reference}", _family,
-                                                        _reference))  # fmt: skip
+        _name = f"{_family}_{_reference}"
+        MEASURES.add(_name, Measure(_name, _family, _reference))
 MEASURES.add("weight_norm", Measure("weight_norm", None, None))
 
 ROW_COLUMNS = [c for c in MEASURES_COLUMNS if c != "model_id"]
@@ -94,7 +94,8 @@ def compute_measures(
     dict per name with exactly the keys of schema.MEASURES_COLUMNS minus model_id.
     Deterministic given `seed` (on a given device).
     """
-    measures = [MEASURES.get(n) for n in dict.fromkeys(names or MEASURES.names())]
+    chosen = MEASURES.names() if names is None else names
+    measures = [MEASURES.get(n) for n in dict.fromkeys(chosen)]
     protocol = protocol_for(mode, **(protocol_overrides or {}))
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise UserError(

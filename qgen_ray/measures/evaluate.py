@@ -31,14 +31,18 @@ class ForwardCounter:
         self.images += int(n)
 
 
-def use_vmap(batched: bool | None, device: torch.device) -> bool:
-    """Resolve the `batched` knob: None means vmap on CUDA and the plain loop elsewhere.
+def use_vmap(batched: bool | None, device: torch.device, ascent: bool = False) -> bool:
+    """Resolve the `batched` knob: True / False as given; None (auto) vmaps the ascent
+    everywhere and the evaluation on CUDA only.
 
-    Measured on the 2-core CPU of the build machine (tiny digits CNN, 10 perturbations):
-    vmap was 2.4× slower than the loop on 1797 images and on par on 256, so the loop is
-    the CPU default; on a GPU one batched call beats K small kernels.
+    Measured on the 2-core CPU of the build machine (digits CNNs): the vmapped ascent
+    (tiny mini-batches, where per-call overhead dominates) was 2-8× faster than the
+    loop, while the vmapped evaluation was 1.5-2.4× slower on large image batches; on a
+    GPU one batched call beats K small kernels for both.
     """
-    return (device.type == "cuda") if batched is None else bool(batched)
+    if batched is not None:
+        return bool(batched)
+    return ascent or device.type == "cuda"
 
 
 @torch.no_grad()
