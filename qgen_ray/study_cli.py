@@ -94,6 +94,16 @@ def write_study_record(store: StudyStore, record: dict) -> None:
     store.write_json(schema.STUDY_JSON, {**record, "created_at": now, "provenance": provenance()})
 
 
+def collect_trials(store: StudyStore, name: str) -> str:
+    """Rebuild the study's tables, print the counts by status; return trials.parquet."""
+    from qgen_ray.collect import collect
+
+    trials = collect(store)
+    counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+    print(f"[{name}] trials: {counts}", flush=True)
+    return store.path(schema.TRIALS)
+
+
 def pending_models(store: StudyStore, plan: list, name: str, verb: str = "train") -> list:
     """The planned (spec, extra) pairs without an ok / diverged result; says how many."""
     from qgen_ray.tune_runner import finished_ids
@@ -128,7 +138,6 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     outputs: dict[str, str] = {}
     if "train" in stages:
         from qgen_ray import tune_runner
-        from qgen_ray.collect import collect
 
         data = load_image_data(study.dataset, args.data_root, args.download)
         write_study_record(store, study.describe())
@@ -145,10 +154,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
                 already_done=len(plan) - len(pending),
                 progress=not args.quiet,
             )
-        trials = collect(store)
-        counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-        print(f"[{study.name}] trials: {counts}", flush=True)
-        outputs["trials"] = store.path(schema.TRIALS)
+        outputs["trials"] = collect_trials(store, study.name)
     for stage in ("measure", "corrupt", "landscape", "report"):
         if stage in stages:
             from qgen_ray import stages as stage_impl

@@ -19,7 +19,6 @@ import ray
 from ray import tune
 
 from qgen_ray import schema
-from qgen_ray.collect import collect
 from qgen_ray.data.base import ImageData
 from qgen_ray.provenance import provenance
 from qgen_ray.spec import RunOptions, TrainSpec, row_header
@@ -216,4 +215,4 @@ def finished_ids(store: StudyStore) -> set[str]:
     }
 
 
-__all__ = ["collect", "finished_ids", "init_ray", "run_training"]
+__all__ = ["finished_ids", "init_ray", "run_training"]

@@ -17,7 +17,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from qgen_ray import schema, study_cli
+from qgen_ray import study_cli
 from qgen_ray.ddp.corrupt import check_imagenet_c, require_corrupt_root
 from qgen_ray.errors import UserError, exit_on_user_error
 from qgen_ray.spec import TrainSpec
@@ -214,7 +214,6 @@ def resources(args: argparse.Namespace):
 
 def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     """Validate everything, fine-tune the pending models, collect; {stage: output path}."""
-    from qgen_ray.collect import collect
     from qgen_ray.ddp.imagefolder import check_imagefolder
     from qgen_ray.ddp.loop import FinetuneOptions
     from qgen_ray.store import StudyStore
@@ -279,10 +278,7 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
                 already_done=len(plan) - len(pending),
                 progress=not args.quiet,
             )
-        trials = collect(store)
-        counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-        print(f"[{name}] trials: {counts}", flush=True)
-        outputs["trials"] = store.path(schema.TRIALS)
+        outputs["trials"] = study_cli.collect_trials(store, name)
     if "corrupt" in stages:
         outputs["corrupt"] = run_corrupt(store, args, corrupt)
     if "report" in stages:
