@@ -18,6 +18,7 @@ it with `ray dashboard cluster.yaml`, an SSH port-forward), every node starts wi
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -236,10 +237,14 @@ def scan_repo(root: str | Path) -> list[str]:
 
 
 # -- a one-machine Ray head -------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are chosen, so the
+    OS cannot hand the same port out twice (it does, if each is closed at once)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 def _proc_table() -> dict[int, tuple[int, str]]:
@@ -284,7 +289,7 @@ class LocalHead:
         self.token_path = Path(self.temp_dir) / "auth_token"
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.port, self.dashboard_port, *self._component_ports = free_ports(9)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         self.env.pop("RAY_ADDRESS", None)
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path))
@@ -303,18 +308,21 @@ class LocalHead:
         ports = {
             "--port": self.port,
             "--dashboard-port": self.dashboard_port,
-            **{
-                flag: free_port()
-                for flag in (
-                    "--ray-client-server-port",
-                    "--node-manager-port",
-                    "--object-manager-port",
-                    "--dashboard-agent-listen-port",
-                    "--dashboard-agent-grpc-port",
-                    "--metrics-export-port",
-                    "--runtime-env-agent-port",
+            **dict(
+                zip(
+                    (
+                        "--ray-client-server-port",
+                        "--node-manager-port",
+                        "--object-manager-port",
+                        "--dashboard-agent-listen-port",
+                        "--dashboard-agent-grpc-port",
+                        "--metrics-export-port",
+                        "--runtime-env-agent-port",
+                    ),
+                    self._component_ports,
+                    strict=True,
                 )
-            },
+            ),
         }
         cmd = [
             self.ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1",
