@@ -41,8 +41,10 @@ class StudyStore:
     """One study's folder: `<storage>/<study>/`. Paths passed to methods are relative."""
 
     def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
-        self.fs, self.root, self.is_local = _resolve(self.uri)
+        self.fs, self.root, self.is_local = _resolve(uri.rstrip("/"))
+        # a local folder is kept absolute: Ray workers (Tune trials chdir to their own
+        # folder) and job drivers rebuild the store from `uri` in another directory
+        self.uri = self.root if self.is_local else uri.rstrip("/")
 
     @classmethod
     def for_study(cls, storage: str, study: str) -> StudyStore:

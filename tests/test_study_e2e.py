@@ -24,10 +24,10 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 
 
-def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd=REPO, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args],
-        cwd=REPO,
+        cwd=cwd,
         env=ENV,
         capture_output=True,
         text=True,
@@ -37,8 +37,12 @@ def _run(args: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def test_demo_smoke_trains_every_precision(tmp_path):
-    out = _run(["studies/demo.py", "--smoke", "--storage", str(tmp_path), "--stages", "train"])
+    """With a relative --storage (as `make demo` passes): Tune trials run in their own
+    working folders, so the store must reach them as an absolute path."""
+    demo = str(REPO / "studies" / "demo.py")
+    out = _run([demo, "--smoke", "--storage", "results", "--stages", "train"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    tmp_path = tmp_path / "results"
     trials = pd.read_parquet(tmp_path / "demo-smoke" / schema.TRIALS)
     assert sorted(trials["bits"]) == [2, 4, 8, 32]
     assert (trials["status"] == "ok").all() and trials["model_id"].is_unique
