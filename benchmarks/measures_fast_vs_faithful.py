@@ -1,14 +1,15 @@
-"""Fast vs faithful σ / α search on the same models in one run: agreement and cost.
+"""Fast vs faithful σ / α search on a study's trained models, in one run: agreement and cost.
 
-Trains a handful of small CNNs on scikit-learn's digits (different widths, epochs and
-weight decay, so their flatness differs), then runs every search measure in both modes
-with several seeds and prints, per model and perturbation family: σ of each mode (geometric
-mean over seeds, and the spread over seeds), images pushed through the network, wall
-seconds, and the ratios; then per family the agreement (max |σ_fast / σ_faithful − 1|,
-Kendall τ of the two orderings of the models) and the totals. Hardware and versions head
-the output. Usage:
+Loads the finished models of a study folder (default: the demo's, `make demo` first) the
+way `qgen measure` does (quantizers replaced by their de-quantized weights, BN folded,
+full training set), runs the chosen searches in both modes with several seeds, and prints
+per model and perturbation family: σ of each mode (geometric mean over seeds, and the
+range), convergence, images pushed through the network, wall seconds and the ratios; then
+per family the agreement (max |σ_fast / σ_faithful − 1|, Kendall τ of the two orderings
+of the models) and the totals. Hardware and versions head the output. Usage:
 
-    .venv/bin/python benchmarks/measures_fast_vs_faithful.py [--seeds 2] [--train 1797]
+    .venv/bin/python benchmarks/measures_fast_vs_faithful.py [results/demo] [--models 8]
+        [--seeds 2] [--families pacbayes pacbayes_mag sharpness sharpness_mag]
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ import argparse
 import math
 import os
 import platform
+import sys
 
 import torch
 from scipy.stats import kendalltau
 
+from qgen_ray.errors import exit_on_user_error
+from qgen_ray.jobs import measure_inputs
 from qgen_ray.measures import compute_measures
 from qgen_ray.measures.perturb import FAMILIES
-from qgen_ray.measures.toy import accuracy, digits, tiny_cnn, train_tiny
+from qgen_ray.stages import ok_trials, study_data
+from qgen_ray.store import StudyStore
 
-# (width, epochs, weight decay) of the benchmark models
-MODELS = [(8, 3, 0.0), (8, 10, 1e-3), (8, 20, 0.0), (16, 10, 0.0), (4, 10, 0.0)]
 MODES = ("faithful", "fast")
 
 
@@ -45,66 +48,59 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=2, help="search seeds per mode")
-    parser.add_argument("--train", type=int, default=1797, help="digits training images")
-    args = parser.parse_args()
+def pick_models(trials, limit: int | None) -> list[dict]:
+    """Up to `limit` models spread over the precisions (round robin, lowest lr rank first)."""
+    by_bits = [
+        group.sort_values("model_id").to_dict("records")
+        for _, group in trials.sort_values("bits").groupby("bits", sort=True)
+    ]
+    order = [rows[i] for i in range(max(map(len, by_bits))) for rows in by_bits if i < len(rows)]
+    return order[:limit] if limit else order
 
-    print(f"cpu: {cpu_model()}; cores: {os.cpu_count()}; torch threads: "
-          f"{torch.get_num_threads()}")  # fmt: skip
-    print(f"torch {torch.__version__}; python {platform.python_version()}; device cpu")
-    x, y = digits(args.train, seed=0)
-    print(f"data: digits, m = {x.shape[0]} training images; seeds per mode: {args.seeds}\n")
 
-    families = list(FAMILIES)
-    names = [f"{f}_{ref}" for f in families for ref in ("init", "orig")]
-    # results[(model, mode, family)] = list of (sigma, converged, images, seconds) per seed
-    results: dict[tuple, list] = {}
-    for i, (width, epochs, wd) in enumerate(MODELS):
-        model, init = train_tiny(tiny_cnn(width, seed=i), x, y, epochs=epochs, weight_decay=wd)
-        print(f"model {i}: width {width}, {epochs} epochs, wd {wd}, "
-              f"train acc {accuracy(model, x, y):.3f}")  # fmt: skip
-        for mode in MODES:
-            for seed in range(args.seeds):
-                rows = compute_measures(model, init, x, y, names=names, mode=mode, seed=seed)
-                by = {r["measure"]: r for r in rows}
-                for f in families:
-                    a, b = by[f"{f}_init"], by[f"{f}_orig"]
-                    results.setdefault((i, mode, f), []).append(
-                        (a["sigma"], a["converged"], a["forward_images"] + b["forward_images"],
-                         a["seconds"] + b["seconds"])
-                    )  # fmt: skip
-        for f in families:
-            cells = []
-            for mode in MODES:
-                runs = results[(i, mode, f)]
-                sig = [r[0] for r in runs]
-                conv = sum(r[1] for r in runs)
-                imgs = sum(r[2] for r in runs) / len(runs)
-                secs = sum(r[3] for r in runs) / len(runs)
-                cells.append((geomean(sig), min(sig), max(sig), conv, imgs, secs))
-            (s1, lo1, hi1, c1, i1, t1), (s2, lo2, hi2, c2, i2, t2) = cells
-            print(f"  {f:14s} σ faithful {s1:.4f} [{lo1:.4f}-{hi1:.4f}] conv {c1}/{args.seeds}"
-                  f" | fast {s2:.4f} [{lo2:.4f}-{hi2:.4f}] conv {c2}/{args.seeds}"
-                  f" | fast/faithful σ {s2 / s1:.3f} | images {i1:,.0f} vs {i2:,.0f}"
-                  f" ({i1 / i2:.1f}x fewer) | s {t1:.2f} vs {t2:.2f} ({t1 / t2:.1f}x)")  # fmt: skip
-        print()
+def search_model(model, init, x, y, families, seeds, device) -> dict:
+    """{(mode, family): [(σ, converged, images, seconds) per seed]} for one model."""
+    names = [f"{f}_init" for f in families]  # one search serves _init and _orig
+    out: dict[tuple, list] = {}
+    for mode in MODES:
+        for seed in range(seeds):
+            rows = compute_measures(model, init, x, y, names=names, mode=mode, seed=seed,
+                                    device=device)  # fmt: skip
+            for f, r in zip(families, rows):
+                out.setdefault((mode, f), []).append(
+                    (r["sigma"], r["converged"], r["forward_images"], r["seconds"])
+                )
+    return out
 
+
+def print_model_line(f: str, runs: dict, seeds: int) -> None:
+    cells = []
+    for mode in MODES:
+        sig = [r[0] for r in runs[(mode, f)]]
+        conv = sum(r[1] for r in runs[(mode, f)])
+        imgs = sum(r[2] for r in runs[(mode, f)]) / seeds
+        secs = sum(r[3] for r in runs[(mode, f)]) / seeds
+        cells.append((geomean(sig), min(sig), max(sig), conv, imgs, secs))
+    (s1, lo1, hi1, c1, i1, t1), (s2, lo2, hi2, c2, i2, t2) = cells
+    print(f"  {f:14s} σ faithful {s1:.4f} [{lo1:.4f}-{hi1:.4f}] conv {c1}/{seeds}"
+          f" | fast {s2:.4f} [{lo2:.4f}-{hi2:.4f}] conv {c2}/{seeds}"
+          f" | fast/faithful σ {s2 / s1:.3f} | images {i1:,.0f} vs {i2:,.0f}"
+          f" ({i1 / i2:.1f}x fewer) | s {t1:.2f} vs {t2:.2f} ({t1 / t2:.1f}x)",
+          flush=True)  # fmt: skip
+
+
+def print_summary(results: list[dict], families: list[str]) -> None:
     print("per family over the models (σ = geometric mean over seeds):")
     totals = {m: [0.0, 0.0] for m in MODES}
     for f in families:
-        sig = {m: [geomean([r[0] for r in results[(i, m, f)]]) for i in range(len(MODELS))]
-               for m in MODES}  # fmt: skip
-        imgs = {m: sum(r[2] for i in range(len(MODELS)) for r in results[(i, m, f)])
-                for m in MODES}  # fmt: skip
-        secs = {m: sum(r[3] for i in range(len(MODELS)) for r in results[(i, m, f)])
-                for m in MODES}  # fmt: skip
+        sig = {m: [geomean([r[0] for r in res[(m, f)]]) for res in results] for m in MODES}
+        imgs = {m: sum(r[2] for res in results for r in res[(m, f)]) for m in MODES}
+        secs = {m: sum(r[3] for res in results for r in res[(m, f)]) for m in MODES}
         for m in MODES:
             totals[m][0] += imgs[m]
             totals[m][1] += secs[m]
         worst = max(abs(a / b - 1) for a, b in zip(sig["fast"], sig["faithful"]))
-        tau = kendalltau(sig["fast"], sig["faithful"]).statistic
+        tau = kendalltau(sig["fast"], sig["faithful"]).statistic if len(results) > 1 else 1.0
         print(f"  {f:14s} max |σ_fast/σ_faithful - 1| = {worst:.3f}; Kendall τ = {tau:.2f}; "
               f"images {imgs['faithful'] / imgs['fast']:.1f}x fewer; "
               f"wall {secs['faithful'] / secs['fast']:.1f}x faster")  # fmt: skip
@@ -115,5 +111,40 @@ def main() -> None:
     )
 
 
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", nargs="?", default="results/demo", help="study folder")
+    parser.add_argument("--models", type=int, default=None, help="models at most (default all)")
+    parser.add_argument("--seeds", type=int, default=2, help="search seeds per mode")
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--data-root", default=None, help="dataset folder (not for digits)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    store = StudyStore(args.study)
+    trials = ok_trials(store)
+    data = study_data(trials, args.data_root)
+    device = torch.device(args.device)
+    chosen = pick_models(trials, args.models)
+    print(f"cpu: {cpu_model()}; cores: {os.cpu_count()}; torch threads: "
+          f"{torch.get_num_threads()}")  # fmt: skip
+    print(f"torch {torch.__version__}; python {platform.python_version()}; device {device}")
+    print(f"study: {store.uri}; {len(chosen)} of {len(trials)} models; dataset "
+          f"{data.name}, m = {data.train_x.shape[0]}; seeds per mode: {args.seeds}\n")  # fmt: skip
+
+    results = []
+    for row in chosen:
+        model, init, x, y = measure_inputs(store, data, row["model_id"], device)
+        print(f"model {row['model_id']}: {row['method']} {row['bits']} bits, "
+              f"{row['optimizer']} lr {row['lr']}, train acc {row['train_acc']:.3f}")  # fmt: skip
+        runs = search_model(model, init, x, y, args.families, args.seeds, device)
+        for f in args.families:
+            print_model_line(f, runs, args.seeds)
+        results.append(runs)
+        print()
+    print_summary(results, args.families)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

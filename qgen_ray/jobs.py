@@ -50,11 +50,19 @@ def measure_one(
     from qgen_ray.measures import compute_measures
 
     dev = resolve_device(device)
-    model = _plain_model(store, item["model_id"], "final", dev)
-    init = _plain_model(store, item["model_id"], "init", dev)
-    x, y = data.normalize(data.train_x.to(dev)), data.train_y.to(dev)
+    model, init, x, y = measure_inputs(store, data, item["model_id"], dev)
     rows = compute_measures(model, init, x, y, names=names, mode=mode, seed=seed, device=dev)
     return [{"model_id": item["model_id"], **r} for r in rows]
+
+
+def measure_inputs(
+    store: StudyStore, data: ImageData, model_id: str, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """What the measures of one model read: its trained and initial models as plain
+    functions, and the normalized training set (no augmentation)."""
+    model = _plain_model(store, model_id, "final", device)
+    init = _plain_model(store, model_id, "init", device)
+    return model, init, data.normalize(data.train_x.to(device)), data.train_y.to(device)
 
 
 def corruption_cache(store: StudyStore) -> Path:

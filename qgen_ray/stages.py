@@ -24,7 +24,9 @@ FOLDER_DATASETS = ("imagenet",)  # read from ImageFolders on disk (qgen_ray.ddp)
 MEASURE_SEED = 0  # noise / restarts seed of the sigma searches
 
 
-def _ok_trials(store: StudyStore) -> pd.DataFrame:
+def ok_trials(store: StudyStore) -> pd.DataFrame:
+    """The trials table's finished models; one line (UserError) when there are none or
+    their checkpoints are missing."""
     trials = load_trials(store.uri)
     ok = trials[trials["status"] == schema.STATUS_OK]
     if ok.empty:
@@ -45,7 +47,8 @@ def _dataset(trials: pd.DataFrame) -> str:
     return names[0]
 
 
-def _data(trials: pd.DataFrame, data_root: str | None):
+def study_data(trials: pd.DataFrame, data_root: str | None):
+    """The (single) dataset the trials were trained on, loaded into memory."""
     return load_image_data(_dataset(trials), data_root)
 
 
@@ -75,7 +78,7 @@ def _fan(
     from qgen_ray.tune_runner import init_ray
 
     init_ray(place.address)
-    data = _data(trials, place.data_root) if in_memory else None
+    data = study_data(trials, place.data_root) if in_memory else None
     _, errors = fan_out(
         store,
         job,
@@ -108,7 +111,7 @@ def measure_study(
         MEASURES.get(name)
     if mode not in PROTOCOLS:
         raise UserError(f"unknown measure mode {mode!r}; valid: {', '.join(PROTOCOLS)}")
-    trials = _ok_trials(store)
+    trials = ok_trials(store)
     done = store.read_table(schema.MEASURES)
     have = set() if done is None else set(zip(done["model_id"], done["measure"]))
     todo = [m for m in trials["model_id"] if any((m, n) not in have for n in names)]
@@ -149,7 +152,7 @@ def corrupt_study(
     corruptions = list(corruptions or CORRUPTIONS)
     severities = [int(s) for s in (severities or SEVERITIES)]
     validate(corruptions, severities)
-    trials = _ok_trials(store)
+    trials = ok_trials(store)
     sets = [[c, s] for c in corruptions for s in severities]
     done = store.read_table(schema.CORRUPTIONS)
     have = (
@@ -251,7 +254,7 @@ def landscape_study(
 ) -> str:
     """Filter-normalized loss surfaces of chosen models -> landscapes.parquet."""
 
-    trials = _ok_trials(store)
+    trials = ok_trials(store)
     chosen = models or pick_landscape_models(trials, per_precision)
     unknown = sorted(set(chosen) - set(trials["model_id"]))
     if unknown:
