@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 from pathlib import Path
@@ -12,6 +13,14 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """The module of studies/<name>.py (its STUDY, main, ...), not run as a script."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "studies" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_cifar_fixture(

@@ -10,7 +10,6 @@ fine-tuned in this process by `finetune` (no process group, no Ray Train).
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from qgen_ray.ddp.loop import FinetuneOptions, finetune
 from qgen_ray.loaders import load_model
 from qgen_ray.stages import Placement, corrupt_study
 from qgen_ray.store import StudyStore
-from tests.conftest import REPO
+from tests.conftest import load_script
 from tests.test_imagenet_ddp import save_weights, write_imagefolder
 
 pytestmark = pytest.mark.slow
@@ -42,13 +41,6 @@ SETS = {
     ("brightness", 5): CLASSES[1:],
     ("contrast", 1): CLASSES,
 }
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "studies" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_imagenet_c(root: Path, clean_val: Path) -> Path:

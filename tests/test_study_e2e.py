@@ -18,7 +18,7 @@ import pytest
 from qgen_ray import schema
 from qgen_ray.study import Study
 from qgen_ray.study_cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, load_script
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
@@ -141,11 +141,7 @@ def test_cifar_study_smoke_reads_the_published_layout(cifar10_root, tmp_path):
     """nin_cifar10 --smoke through Tune on a CIFAR folder in torchvision's pickle format."""
     import ray
 
-    sys.path.insert(0, str(REPO / "studies"))
-    try:
-        import nin_cifar10
-    finally:
-        sys.path.pop(0)
+    nin_cifar10 = load_script("nin_cifar10")
     argv = [
         "--smoke",
         "--storage",
