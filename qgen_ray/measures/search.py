@@ -31,8 +31,8 @@ fast (ours; agrees with faithful, see benchmarks/measures_fast_vs_faithful.py):
 In both modes `converged` means the final accuracy drop is within the tolerance. The
 faithful mode returns the radius of the last step (the converged one when converged); the
 fast mode, once converged, the radius where its (common-random-number, hence smooth) drop
-curve crosses the target, interpolated between the probes either side (`refine`): the
-in-band probe alone can sit anywhere in the ±tolerance band, ±5% in σ on these models.
+curve crosses the target, interpolated between the probes either side (`crossing_radius`):
+the in-band probe alone can sit anywhere in the ±tolerance band, ±5% in σ on these models.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class SearchProtocol:
     refine: bool = False  # report the radius at the target drop itself, interpolated
     #                       (log-log) between the probes closest below and above it, instead
     #                       of the in-band probe's radius; needs common random numbers (the
-    #                       probes then lie on one smooth drop curve). See `refined_radius`
+    #                       probes then lie on one smooth drop curve). See `crossing_radius`
     lower: float = 0.0  # bracket lower end (radius units); > 0 when log_space
     upper: float = 2.0  # bracket upper end; while no step has overshot the target, a step
     #                     that falls short at r raises it to max(upper, 4 r) (so σ* > 2 is
@@ -147,6 +147,24 @@ def stream_seed(seed: int, stream: str) -> int:
     """A 63-bit seed for one named random stream, stable across runs and platforms."""
     digest = hashlib.sha256(f"{seed}:{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def crossing_radius(steps: list[tuple[float, float]], target: float) -> float:
+    """The radius where the drop curve crosses `target`, from the (radius, drop) probes:
+    the log-log secant between the largest probe below the target and the smallest one at
+    or above it (drop ≈ c·r^k between them). The last probe's radius when either side is
+    missing or the two are out of order (a drop of 0 has no logarithm: it counts as
+    missing)."""
+    last = steps[-1][0]
+    below = [(r, d) for r, d in steps if 0 < d < target]
+    above = [(r, d) for r, d in steps if d >= target]
+    if not below or not above:
+        return last
+    (r0, d0), (r1, d1) = max(below), min(above)
+    if not r0 < r1:
+        return last
+    t = (math.log(target) - math.log(d0)) / (math.log(d1) - math.log(d0))
+    return math.exp(math.log(r0) + t * (math.log(r1) - math.log(r0)))
 
 
 class FlatnessSearch:
@@ -298,23 +316,6 @@ class FlatnessSearch:
         t = min(max(t, 0.1), 0.9)
         return math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
 
-    def refined_radius(self, steps: list[tuple[float, float]]) -> float:
-        """The radius where the drop curve crosses the target: the log-log secant between
-        the largest probe below the target and the smallest one at or above it (drop ≈ c·r^k
-        between them). The last probe's radius when either side is missing or the two
-        are out of order (a drop of 0 has no logarithm: that side counts as missing)."""
-        target = self.protocol.target
-        last = steps[-1][0]
-        below = [(r, d) for r, d in steps if 0 < d < target]
-        above = [(r, d) for r, d in steps if d >= target]
-        if not below or not above:
-            return last
-        (r0, d0), (r1, d1) = max(below), min(above)
-        if not r0 < r1:
-            return last
-        t = (math.log(target) - math.log(d0)) / (math.log(d1) - math.log(d0))
-        return math.exp(math.log(r0) + t * (math.log(r1) - math.log(r0)))
-
     def run(self) -> SearchResult:
         p = self.protocol
         start = time.perf_counter()
@@ -340,7 +341,7 @@ class FlatnessSearch:
                 if not overshot and 4 * radius > hi:
                     hi, hi_drop = 4 * radius, None
         if verdict == IN_BAND and p.refine:
-            radius, drop = self.refined_radius(steps), p.target
+            radius, drop = crossing_radius(steps, p.target), p.target
         return SearchResult(
             radius=radius,
             drop=drop,
