@@ -94,13 +94,25 @@ def write_study_record(store: StudyStore, record: dict) -> None:
     store.write_json(schema.STUDY_JSON, {**record, "created_at": now, "provenance": provenance()})
 
 
-def collect_trials(store: StudyStore, name: str) -> str:
-    """Rebuild the study's tables, print the counts by status; return trials.parquet."""
+def collect_trials(store: StudyStore, name: str, planned: list[str] = ()) -> str:
+    """Rebuild the study's tables, print the counts by status, why models failed, and how
+    many of the `planned` model ids have no result at all; return trials.parquet."""
     from qgen_ray.collect import collect
 
     trials = collect(store)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
     print(f"[{name}] trials: {counts}", flush=True)
+    if len(trials):
+        failed = trials[trials["status"] == schema.STATUS_FAILED]
+        for reason, group in failed.groupby("reason"):
+            print(f"[{name}] {len(group)} failed (retried on re-run): {reason}", flush=True)
+    missing = [m for m in planned if not store.trial(m).has(schema.RESULT_JSON)]
+    if missing:
+        print(
+            f"[{name}] {len(missing)} models ended without a result (e.g. {missing[0]}); "
+            f"Tune's logs are under {store.path(schema.TUNE_DIR)}; a re-run retries them",
+            flush=True,
+        )
     return store.path(schema.TRIALS)
 
 
@@ -154,7 +166,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
                 already_done=len(plan) - len(pending),
                 progress=not args.quiet,
             )
-        outputs["trials"] = collect_trials(store, study.name)
+        outputs["trials"] = collect_trials(store, study.name, [s.model_id for s, _ in pending])
     for stage in ("measure", "corrupt", "landscape", "report"):
         if stage in stages:
             from qgen_ray import stages as stage_impl

@@ -3,7 +3,8 @@
 - a trial process killed mid-training is retried by Tune and resumes from its last.pt;
 - a trial whose code raises in k of N models leaves N-k ok rows and k failed rows with
   their reasons, and a re-run retries only those k;
-- a measure actor killed mid-search is restarted and no result is lost.
+- a measure actor killed mid-search is restarted and no result is lost;
+- a measure job killed mid-way keeps every row it flushed; a re-run finishes the rest.
 
 One study serves all three: NiN on digits (1,347 training images) with batch 673, so the
 last batch of every epoch holds one image. At depth 2 the last block still sees 4x4 maps
@@ -126,6 +127,7 @@ def test_raising_models_leave_failed_rows_and_only_they_are_retried(faults, head
     assert sorted(failed["depth"]) == [4, 4] and (trials["status"] != "failed").sum() == 2
     assert all(BN_ERROR in reason for reason in failed["reason"])
     assert "failed 2" in faults["out"] and "'failed': 2" in faults["out"]
+    assert f"2 failed (retried on re-run): {BN_ERROR}" in faults["out"]  # the reason, once
 
     results = {m: study / "trials" / m / schema.RESULT_JSON for m in trials["model_id"]}
     before = {m: (p.read_bytes(), p.stat().st_mtime_ns) for m, p in results.items()}
@@ -157,3 +159,30 @@ def test_killed_measure_actor_is_replaced_and_no_result_is_lost(faults, head):
     pairs = set(zip(measures["model_id"], measures["measure"]))
     assert pairs == {(m, name) for m in ok for name in MEASURES}
     assert measures["value"].notna().all()
+
+
+def test_killed_measure_job_keeps_its_rows_and_a_rerun_finishes(faults, head, tmp_path):
+    """One actor (2 CPUs) measures the two models in turn, so there is a moment when the
+    first model's rows are flushed and the second is being measured: kill the driver then."""
+    import shutil
+
+    study = tmp_path / "faults"
+    shutil.copytree(faults["study"], study, ignore=shutil.ignore_patterns(schema.MEASURES))
+    qgen = str(Path(sys.executable).with_name("qgen"))
+    names = ["pacbayes_init", "pacbayes_mag_init", "sharpness_init", "sharpness_mag_init"]
+    args = [qgen, "measure", str(study), "--cpus-per-task", "2", "--measures", *names]
+    table = study / schema.MEASURES
+    run = Run(head, args)
+    _wait_for(table.exists, "the first rows to be flushed", run.proc)
+    before = pd.read_parquet(table)
+    assert before["model_id"].nunique() == 1  # the second model is not done
+    run.proc.kill()
+    run.proc.wait()
+    after_kill = pd.read_parquet(table)
+    pd.testing.assert_frame_equal(after_kill, before)  # nothing lost or damaged
+    out = Run(head, args).finish()
+    assert "2 models, 1 already measured, 1 to measure" in out
+    final = pd.read_parquet(table)
+    assert final["model_id"].nunique() == 2 and len(final) == 2 * len(names)
+    kept = final.merge(before, on=list(before.columns))
+    assert len(kept) == len(before)  # the first model's rows, unchanged

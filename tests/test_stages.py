@@ -115,3 +115,16 @@ def test_status_reads_the_store(study, capsys):
     out = capsys.readouterr().out
     assert "4/" in out and "ok 4" in out
     assert isinstance(pd.read_parquet(study.path(schema.TRIALS)), pd.DataFrame)
+
+
+def test_missing_checkpoint_is_one_line_exit_2(study, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(study.root, copy)
+    model_id = study.read_table(schema.TRIALS)["model_id"].iloc[0]
+    (copy / schema.TRIALS_DIR / model_id / schema.FINAL_CKPT).unlink()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["measure", str(copy)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and "no checkpoint" in err, err

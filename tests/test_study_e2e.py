@@ -161,3 +161,13 @@ def test_cifar_study_smoke_reads_the_published_layout(cifar10_root, tmp_path):
     trials = pd.read_parquet(tmp_path / "nin_cifar10-smoke" / schema.TRIALS)
     assert len(trials) == 4 and (trials["status"] == "ok").all()
     assert set(trials["dataset"]) == {"cifar10"} and (trials["num_train"] == 100).all()
+
+
+def test_planned_models_without_a_result_are_named(tmp_path, capsys):
+    """A trial that ended without writing its result (e.g. it wrote elsewhere) is said."""
+    from qgen_ray.store import StudyStore
+    from qgen_ray.study_cli import collect_trials
+
+    collect_trials(StudyStore(str(tmp_path / "s")), "s", ["0123abcd"])
+    out = capsys.readouterr().out
+    assert "trials: {}" in out and "1 models ended without a result (e.g. 0123abcd)" in out
