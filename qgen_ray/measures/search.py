@@ -23,10 +23,11 @@ fast (ours; agrees with faithful, see benchmarks/measures_fast_vs_faithful.py):
     - the ascent uses mini-batches of 8 (faithful: 128; measured: α unchanged to 0.3%),
       and the K perturbations go through the network as one vmap call where that is
       faster (`evaluate.use_vmap`).
-    Measured (benchmarks/measures_fast_vs_faithful.py, 5 digits CNNs, m = 1797, 3 seeds):
-    6.4x fewer images than faithful, σ within 9-15% of it (geometric means over seeds;
-    the faithful search's own Monte-Carlo noise is of the same size). The fast cost
-    does not grow with m, so the ratio grows with the training set.
+    Measured (benchmarks/measures_fast_vs_faithful.py on 8 of the demo study's NiNs, m =
+    1347, 3 seeds): 6.4x fewer images than faithful; 3-seed means within 5-8% of it for
+    the PAC-Bayes families and 7-15% for sharpness, where the faithful protocol's own
+    seed-to-seed spread is as large (see the README). The fast cost does not grow with m,
+    so the ratio grows with the training set.
 
 In both modes `converged` means the final accuracy drop is within the tolerance. The
 faithful mode returns the radius of the last step (the converged one when converged); the
