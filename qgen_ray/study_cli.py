@@ -102,11 +102,11 @@ def collect_trials(store: StudyStore, name: str, planned: list[str] = ()) -> str
     trials = collect(store)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
     print(f"[{name}] trials: {counts}", flush=True)
-    if len(trials):
-        failed = trials[trials["status"] == schema.STATUS_FAILED]
-        for reason, group in failed.groupby("reason"):
-            print(f"[{name}] {len(group)} failed (retried on re-run): {reason}", flush=True)
-    missing = [m for m in planned if not store.trial(m).has(schema.RESULT_JSON)]
+    failed = trials[trials["status"] == schema.STATUS_FAILED]
+    for reason, group in failed.groupby("reason"):
+        print(f"[{name}] {len(group)} failed (retried on re-run): {reason}", flush=True)
+    collected = set(trials["model_id"])
+    missing = [m for m in planned if m not in collected]
     if missing:
         print(
             f"[{name}] {len(missing)} models ended without a result (e.g. {missing[0]}); "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,8 +165,6 @@ def test_killed_measure_actor_is_replaced_and_no_result_is_lost(faults, head):
 def test_killed_measure_job_keeps_its_rows_and_a_rerun_finishes(faults, head, tmp_path):
     """One actor (2 CPUs) measures the two models in turn, so there is a moment when the
     first model's rows are flushed and the second is being measured: kill the driver then."""
-    import shutil
-
     study = tmp_path / "faults"
     shutil.copytree(faults["study"], study, ignore=shutil.ignore_patterns(schema.MEASURES))
     qgen = str(Path(sys.executable).with_name("qgen"))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from qgen_ray.measures.api import folded_weights
 from qgen_ray.measures.bn_fold import fold_batchnorm
 from qgen_ray.measures.evaluate import ForwardCounter, correct_predictions
 from qgen_ray.measures.formulas import MAG_EPS
@@ -72,9 +73,7 @@ def test_batched_evaluation_equals_plain_loop(trained, fold):
 @pytest.mark.parametrize("name", ["sharpness", "sharpness_mag"])
 def test_batched_ascent_equals_plain_loop(trained, name):
     model, x, y = trained
-    folded = fold_batchnorm(model)
-    layout = ParamLayout.of(folded)
-    w = layout.flatten(folded)
+    folded, layout, w = folded_weights(model)
     family = FAMILIES[name]
     half = family.scale(0.05, w)
     u0 = half * family.directions(3, layout.numel, torch.Generator().manual_seed(4), w.device)
@@ -89,9 +88,7 @@ def test_batched_ascent_equals_plain_loop(trained, name):
 @pytest.mark.parametrize("name", ["sharpness", "sharpness_mag"])
 def test_ascent_raises_training_loss_and_stays_in_box(trained, name):
     model, x, y = trained
-    folded = fold_batchnorm(model)
-    layout = ParamLayout.of(folded)
-    w = layout.flatten(folded)
+    folded, layout, w = folded_weights(model)
     family = FAMILIES[name]
     half = family.scale(0.08, w)
     u0 = half * family.directions(2, layout.numel, torch.Generator().manual_seed(5), w.device)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qgen_ray.measures import compute_measures, fold_batchnorm
+from qgen_ray.measures import compute_measures, folded_weights
 from qgen_ray.measures.evaluate import CleanPredictions, ForwardCounter, correct_predictions
-from qgen_ray.measures.params import ParamLayout
 from qgen_ray.measures.perturb import FAMILIES, ascend
 from qgen_ray.measures.search import FlatnessSearch, crossing_radius, protocol_for
 from qgen_ray.measures.toy import digits, tiny_cnn, train_tiny
@@ -43,9 +42,7 @@ def models(data):
 def _fresh_drop(model, x, y, family_name: str, radius: float, k: int, seed: int) -> float:
     """Mean training-accuracy drop of `k` fresh perturbations at `radius`, written from
     the primitives (plain loop; sharpness: the paper's 20 ascent steps, lr 1e-4)."""
-    folded = fold_batchnorm(model)
-    layout = ParamLayout.of(folded)
-    w = layout.flatten(folded)
+    folded, layout, w = folded_weights(model)
     family = FAMILIES[family_name]
     gen = torch.Generator().manual_seed(seed)
     scale = family.scale(radius, w)
@@ -89,31 +86,25 @@ def test_crossing_radius_inverts_a_power_law_drop_curve():
     assert crossing_radius(below_only, target) == 0.049
 
 
-def test_fast_search_returns_the_crossing_of_its_probes(models, data):
+def _pacbayes_search(model, data, protocol) -> FlatnessSearch:
+    """A Gaussian σ search on `model` reading the training images in their given order."""
     x, y = data
-    model, init = models[2]
-    folded = fold_batchnorm(model)
-    layout = ParamLayout.of(folded)
-    w = layout.flatten(folded)
+    folded, layout, w = folded_weights(model)
     clean = CleanPredictions(folded, layout, w, x, y, torch.arange(x.shape[0]))
-    fast = protocol_for("fast")
-    result = FlatnessSearch(FAMILIES["pacbayes"], fast, folded, layout, w, x, y, clean, 0).run()
+    return FlatnessSearch(FAMILIES["pacbayes"], protocol, folded, layout, w, x, y, clean, 0)
+
+
+def test_fast_search_returns_the_crossing_of_its_probes(models, data):
+    result = _pacbayes_search(models[2][0], data, protocol_for("fast")).run()
     assert result.converged and result.radius == crossing_radius(result.steps, TARGET)
     probed = [r for r, _ in result.steps]
     assert min(probed) <= result.radius <= max(probed)
 
 
 def test_common_random_numbers_and_antithetic_directions(models, data):
-    x, y = data
-    folded = fold_batchnorm(models[0][0])
-    layout = ParamLayout.of(folded)
-    w = layout.flatten(folded)
-    clean = CleanPredictions(folded, layout, w, x, y, torch.arange(x.shape[0]))
     fast = protocol_for("fast", samples=6, antithetic=True)
-    search = FlatnessSearch(FAMILIES["pacbayes"], fast, folded, layout, w, x, y, clean, 0)
+    search = _pacbayes_search(models[0][0], data, fast)
     d = search.directions()
     assert torch.equal(d[3:], -d[:3]) and search.directions() is d  # drawn once (CRN)
-    paper = FlatnessSearch(
-        FAMILIES["pacbayes"], protocol_for("faithful"), folded, layout, w, x, y, clean, 0
-    )
+    paper = _pacbayes_search(models[0][0], data, protocol_for("faithful"))
     assert not torch.equal(paper.directions(), paper.directions())  # fresh every step

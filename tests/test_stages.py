@@ -3,6 +3,8 @@ landscape, report; idempotent re-runs; bad input through the `qgen` CLI."""
 
 from __future__ import annotations
 
+import shutil
+
 import pandas as pd
 import pytest
 import torch
@@ -118,8 +120,6 @@ def test_status_reads_the_store(study, capsys):
 
 
 def test_missing_checkpoint_is_one_line_exit_2(study, tmp_path, capsys):
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(study.root, copy)
     model_id = study.read_table(schema.TRIALS)["model_id"].iloc[0]

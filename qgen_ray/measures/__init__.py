@@ -6,6 +6,7 @@ Public API (no Ray inside; the fan-out jobs call these per model):
                      device="cpu") -> list[dict]       rows of schema.MEASURES_COLUMNS
     MEASURES                                           registry of the measure names
     fold_batchnorm(model) -> nn.Module                 BN folded into conv/linear
+    folded_weights(model) -> (folded, layout, w)       what the searches perturb
     loss_landscape(model, x, y, steps=51, span=1.0, seed=0) -> pandas.DataFrame
 
 Modules: params (which tensors are the weights), bn_fold, formulas (the bounds),
@@ -14,7 +15,7 @@ accounting), search (σ / α bisection, faithful and fast), api, landscape; toy 
 digits CNNs for tests and the benchmark).
 """
 
-from qgen_ray.measures.api import MEASURES, Measure, compute_measures
+from qgen_ray.measures.api import MEASURES, Measure, compute_measures, folded_weights
 from qgen_ray.measures.bn_fold import fold_batchnorm
 from qgen_ray.measures.landscape import loss_landscape
 from qgen_ray.measures.search import PROTOCOLS, SearchProtocol
@@ -26,5 +27,6 @@ __all__ = [
     "SearchProtocol",
     "compute_measures",
     "fold_batchnorm",
+    "folded_weights",
     "loss_landscape",
 ]

@@ -71,6 +71,16 @@ MEASURES.add("weight_norm", Measure("weight_norm", None, None))
 ROW_COLUMNS = [c for c in MEASURES_COLUMNS if c != "model_id"]
 
 
+def folded_weights(
+    model: nn.Module, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, ParamLayout, torch.Tensor]:
+    """(BN-folded copy of `model` on `device`, its parameter layout, its flat weights w):
+    what every search and perturbation works on."""
+    folded = fold_batchnorm(model).to(device)
+    layout = ParamLayout.of(folded)
+    return folded, layout, layout.flatten(folded)
+
+
 def compute_measures(
     model: nn.Module,
     init_model: nn.Module,
@@ -103,9 +113,7 @@ def compute_measures(
             "non-empty training set"
         )
     device = torch.device(device)
-    folded = fold_batchnorm(model).to(device)
-    layout = ParamLayout.of(folded)
-    w = layout.flatten(folded)
+    folded, layout, w = folded_weights(model, device)
     w0 = layout.flatten(fold_batchnorm(init_model).to(device))
     x, y = x.to(device), y.to(device)
     m = x.shape[0]
