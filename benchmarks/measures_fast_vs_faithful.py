@@ -8,10 +8,21 @@ range), convergence, images pushed through the network, wall seconds and the rat
 per family the agreement (max |σ_fast / σ_faithful − 1|, Kendall τ of the two orderings
 of the models), next to the faithful protocol's agreement with itself (one seed against
 the others: the Monte-Carlo noise floor any comparison with it inherits),
-and the totals. Hardware and versions head the output. Usage:
+and the totals. Hardware and versions head the output.
+
+With `--reference K` (default 128; 0 turns it off) it also runs, once per model and
+family, a precise search: the fast protocol with K directions on the FULL training set and
+a ±0.005 band, so its drop at a radius carries ~1/2 the Monte-Carlo error of one fast probe
+and none of the image subsampling. Both modes are then also scored against it: it is the
+radius both protocols estimate (where the mean drop crosses 0.1), so "fast vs reference"
+says how well the fast mode measures it and "faithful vs reference" how far the paper's
+protocol lands from it (its first-in-band rule with 10 perturbations per step accepts
+radii whose true drop is 0.07-0.13). Its images are not counted in either mode's cost.
+Usage:
 
     .venv/bin/python benchmarks/measures_fast_vs_faithful.py [results/demo] [--models 8]
-        [--seeds 3] [--families pacbayes pacbayes_mag sharpness sharpness_mag]
+        [--seeds 3] [--reference 128]
+        [--families pacbayes pacbayes_mag sharpness sharpness_mag]
 """
 
 from __future__ import annotations
@@ -33,6 +44,13 @@ from qgen_ray.stages import ok_trials, study_data
 from qgen_ray.store import StudyStore
 
 MODES = ("faithful", "fast")
+REFERENCE = "reference"
+
+
+def reference_overrides(directions: int) -> dict:
+    """The precise search: fast protocol, K directions, full training set, ±0.005 band."""
+    return dict(samples=directions, restarts=directions, max_images=None, first_chunk=None,
+                tolerance=0.005)  # fmt: skip
 
 
 def cpu_model() -> str:
@@ -60,18 +78,22 @@ def pick_models(trials, limit: int | None) -> list[dict]:
     return order[:limit] if limit else order
 
 
-def search_model(model, init, x, y, families, seeds, device) -> dict:
-    """{(mode, family): [(σ, converged, images, seconds) per seed]} for one model."""
+def search_model(model, init, x, y, families, seeds, device, reference: int) -> dict:
+    """{(mode, family): [(σ, converged, images, seconds) per seed]} for one model; with
+    `reference` > 0 also {(REFERENCE, family): [one run]}."""
     names = [f"{f}_init" for f in families]  # one search serves _init and _orig
+    runs = [(mode, seed, None) for mode in MODES for seed in range(seeds)]
+    if reference:
+        runs.append((REFERENCE, 0, reference_overrides(reference)))
     out: dict[tuple, list] = {}
-    for mode in MODES:
-        for seed in range(seeds):
-            rows = compute_measures(model, init, x, y, names=names, mode=mode, seed=seed,
-                                    device=device)  # fmt: skip
-            for f, r in zip(families, rows):
-                out.setdefault((mode, f), []).append(
-                    (r["sigma"], r["converged"], r["forward_images"], r["seconds"])
-                )
+    for mode, seed, overrides in runs:
+        rows = compute_measures(model, init, x, y, names=names, mode="fast" if overrides else
+                                mode, seed=seed, device=device,
+                                protocol_overrides=overrides)  # fmt: skip
+        for f, r in zip(families, rows):
+            out.setdefault((mode, f), []).append(
+                (r["sigma"], r["converged"], r["forward_images"], r["seconds"])
+            )
     return out
 
 
@@ -84,10 +106,14 @@ def print_model_line(f: str, runs: dict, seeds: int) -> None:
         secs = sum(r[3] for r in runs[(mode, f)]) / seeds
         cells.append((geomean(sig), min(sig), max(sig), conv, imgs, secs))
     (s1, lo1, hi1, c1, i1, t1), (s2, lo2, hi2, c2, i2, t2) = cells
+    ref = ""
+    if (REFERENCE, f) in runs:
+        r = runs[(REFERENCE, f)][0][0]
+        ref = f" | reference {r:.4f}: fast/ref {s2 / r:.3f}, faithful/ref {s1 / r:.3f}"
     print(f"  {f:14s} σ faithful {s1:.4f} [{lo1:.4f}-{hi1:.4f}] conv {c1}/{seeds}"
           f" | fast {s2:.4f} [{lo2:.4f}-{hi2:.4f}] conv {c2}/{seeds}"
           f" | fast/faithful σ {s2 / s1:.3f} | images {i1:,.0f} vs {i2:,.0f}"
-          f" ({i1 / i2:.1f}x fewer) | s {t1:.2f} vs {t2:.2f} ({t1 / t2:.1f}x)",
+          f" ({i1 / i2:.1f}x fewer) | s {t1:.2f} vs {t2:.2f} ({t1 / t2:.1f}x){ref}",
           flush=True)  # fmt: skip
 
 
@@ -129,6 +155,17 @@ def print_summary(results: list[dict], families: list[str], seeds: int) -> None:
             line += (f" | faithful, 1 seed vs the other {seeds - 1}: max {self_worst:.3f}, "
                      f"τ {self_tau:.2f}")  # fmt: skip
         print(line)
+        if (REFERENCE, f) in results[0]:
+            ref = [res[(REFERENCE, f)][0][0] for res in results]
+            parts = []
+            for m in MODES:
+                w, t = agreement(sig[m], ref)
+                parts.append(f"{m} max |σ ratio - 1| = {w:.3f}, τ = {t:.2f}")
+                if seeds > 1:
+                    one = min(agreement([res[(m, f)][s][0] for res in results], ref)[1]
+                              for s in range(seeds))  # fmt: skip
+                    parts[-1] += f" (1 seed: lowest τ {one:.2f})"
+            print(f"  {'':14s} vs the reference: " + "; ".join(parts))
     (fi, fs), (qi, qs) = totals["faithful"], totals["fast"]
     print(
         f"total: faithful {fi:,.0f} images {fs:.1f} s; fast {qi:,.0f} images {qs:.1f} s; "
@@ -143,6 +180,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=int, default=None, help="models at most (default all)")
     parser.add_argument("--seeds", type=int, default=3, help="search seeds per mode")
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument(
+        "--reference",
+        type=int,
+        default=128,
+        metavar="K",
+        help="directions of the precise full-set reference search (0: off)",
+    )
     parser.add_argument("--data-root", default=None, help="dataset folder (not for digits)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -163,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         model, init, x, y = measure_inputs(store, data, row["model_id"], device)
         print(f"model {row['model_id']}: {row['method']} {row['bits']} bits, "
               f"{row['optimizer']} lr {row['lr']}, train acc {row['train_acc']:.3f}")  # fmt: skip
-        runs = search_model(model, init, x, y, args.families, args.seeds, device)
+        runs = search_model(model, init, x, y, args.families, args.seeds, device, args.reference)
         for f in args.families:
             print_model_line(f, runs, args.seeds)
         results.append(runs)
