@@ -119,8 +119,13 @@ def compute_measures(
     m = x.shape[0]
     order_gen = torch.Generator(device=device)
     order_gen.manual_seed(stream_seed(seed, "order"))
-    order = torch.randperm(m, generator=order_gen, device=device)
-    clean = CleanPredictions(folded, layout, w, x, y, order, protocol.eval_batch)
+    if protocol.stratify and protocol.max_images:
+        clean = CleanPredictions.stratified(folded, layout, w, x, y, order_gen,
+                                            protocol.max_images, protocol.pool_max,
+                                            protocol.eval_batch)  # fmt: skip
+    else:
+        order = torch.randperm(m, generator=order_gen, device=device)
+        clean = CleanPredictions(folded, layout, w, x, y, order, protocol.eval_batch)
 
     searches: dict[str, SearchResult] = {}
     for measure in measures:

@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from qgen_ray.measures.params import ParamLayout
+from qgen_ray.measures.sampling import pool_layout, stratified_positions
 
 
 @dataclass
@@ -88,13 +89,39 @@ def correct_predictions(
     return out
 
 
+@torch.no_grad()
+def clean_margins(
+    model: nn.Module,
+    layout: ParamLayout,
+    w: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    index: torch.Tensor,
+    eval_batch: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(margin, correct) of the unperturbed model on x[index]: the true class's logit
+    minus the largest other one, and whether the prediction is right (argmax, as
+    `correct_predictions`). The caller counts the images."""
+    margins, correct = [], []
+    params = layout.unflatten(w)
+    for s in range(0, index.shape[0], eval_batch):
+        i = index[s : s + eval_batch]
+        logits = functional_call(model, params, (x[i],))
+        true = logits.gather(1, y[i, None])[:, 0]
+        other = logits.scatter(1, y[i, None], float("-inf")).amax(1)
+        margins.append(true - other)
+        correct.append(logits.argmax(-1) == y[i])
+    return torch.cat(margins), torch.cat(correct)
+
+
 class CleanPredictions:
     """Correctness of the unperturbed model, computed lazily for a prefix of an order.
 
     `order` is a permutation of the training set (the fast search reads images in this
     order, the faithful search reads all of them); `upto(n)` returns the correctness of
     the first n images of `order`, evaluating only what was not evaluated before, and
-    charges the new images to the caller's counter.
+    charges the new images to the caller's counter (`stratified` evaluates a pool up
+    front: the first caller pays for it).
     """
 
     def __init__(
@@ -106,12 +133,41 @@ class CleanPredictions:
         y: torch.Tensor,
         order: torch.Tensor,
         eval_batch: int = 1024,
+        evaluated: torch.Tensor | None = None,
     ):
         self.model, self.layout, self.w = model, layout, w
         self.x, self.y, self.order, self.eval_batch = x, y, order, eval_batch
-        self._done = torch.empty(0, dtype=torch.bool, device=x.device)
+        empty = torch.empty(0, dtype=torch.bool, device=x.device)
+        self._done = empty if evaluated is None else evaluated
+        self._unpaid = self._done.shape[0]
+
+    @classmethod
+    def stratified(
+        cls,
+        model: nn.Module,
+        layout: ParamLayout,
+        w: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        strata: int,
+        pool_max: int,
+        eval_batch: int = 1024,
+    ) -> CleanPredictions:
+        """Clean predictions whose order reads a random pool of the training set
+        stratified by clean margin (see `sampling`), then the rest at random."""
+        m = x.shape[0]
+        perm = torch.randperm(m, generator=generator, device=x.device)
+        s, size = pool_layout(m, strata, pool_max)
+        pool = perm[:size]
+        margins, correct = clean_margins(model, layout, w, x, y, pool, eval_batch)
+        positions = stratified_positions(margins, s, generator)
+        order = torch.cat([pool[positions], perm[size:]])
+        return cls(model, layout, w, x, y, order, eval_batch, evaluated=correct[positions])
 
     def upto(self, n: int, counter: ForwardCounter) -> torch.Tensor:
+        counter.add(self._unpaid)
+        self._unpaid = 0
         have = self._done.shape[0]
         if n > have:
             new = correct_predictions(

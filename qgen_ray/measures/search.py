@@ -17,9 +17,11 @@ fast (ours; agrees with faithful, see benchmarks/measures_fast_vs_faithful.py):
       the drops of u and −u correlated at +0.7, which halves the effective sample);
     - bisection on log r in [1e-6, 2], stepping to the log-log secant through the
       bracket ends' measured drops when both are known (`next_radius`);
-    - each probe reads the training set in a fixed random order in doubling chunks
-      (32, 64, ... images, at most 256) and stops as soon as a confidence bound decides
-      the bisection step, see `probe`;
+    - each probe reads the training set in a fixed order in doubling chunks (32, 64, ...
+      images, at most 256) and stops as soon as a confidence bound decides the bisection
+      step, see `probe`; the order is stratified by the clean model's margin (every
+      prefix of 2^j images has one image from each of 2^j margin slices of a random pool
+      of 4096, see `sampling`), which halves the image-sampling error of a probe;
     - the ascent uses mini-batches of 8 (faithful: 128; measured: α unchanged to 0.3%),
       and the K perturbations go through the network as one vmap call where that is
       faster (`evaluate.use_vmap`).
@@ -89,6 +91,9 @@ class SearchProtocol:
     #                        the per-image drops are skewed (a few fragile images carry
     #                        them), so a small sample that misses those images shows a
     #                        falsely small spread and would decide "too little" too early
+    stratify: bool = False  # read the images stratified by clean margin (max_images
+    #                         slices of a random pool, see `sampling`) instead of at random
+    pool_max: int = 4096  # images of that pool at most (evaluated once per model)
     max_images: int | None = None  # images read per radius at most (None: all). With K
     #                                directions, ~ the n where the image error matches the
     #                                directions' (sd ≈ 0.19 per image vs 0.06 per direction
@@ -114,6 +119,7 @@ PROTOCOLS: dict[str, SearchProtocol] = {
         fresh_noise=False,
         first_chunk=32,
         max_images=256,
+        stratify=True,
         ascent_batch=8,
         batched=None,
     ),

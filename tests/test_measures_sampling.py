@@ -1,0 +1,84 @@
+"""The fast search's reading order, stratified by clean margin, against the plain random
+order: every prefix is a stratified sample, the drop estimate keeps its expectation, its
+spread shrinks, and the clean predictions it carries equal the plain evaluation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qgen_ray.measures import folded_weights
+from qgen_ray.measures.evaluate import CleanPredictions, ForwardCounter, correct_predictions
+from qgen_ray.measures.sampling import bit_reversed, pool_layout, stratified_positions
+from qgen_ray.measures.toy import digits, tiny_cnn, train_tiny
+
+
+def test_bit_reversed():
+    assert bit_reversed(3).tolist() == [0, 4, 2, 6, 1, 5, 3, 7]
+    assert bit_reversed(0).tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    "m, expected", [(1347, (256, 1280)), (200, (128, 128)), (10_000, (256, 4096)), (1, (1, 1))]
+)
+def test_pool_layout(m, expected):
+    assert pool_layout(m, 256, 4096) == expected
+
+
+def test_every_power_of_two_prefix_takes_one_image_per_margin_slice():
+    gen = torch.Generator().manual_seed(0)
+    margins = torch.randn(1024, generator=gen)
+    rank = torch.empty(1024, dtype=torch.long)
+    rank[margins.argsort()] = torch.arange(1024)
+    for seed in range(5):
+        order = stratified_positions(margins, 256, torch.Generator().manual_seed(seed))
+        assert sorted(order.tolist()) == list(range(1024))
+        for n in (1, 2, 32, 64, 128, 256):
+            slices = rank[order[:n]] // (1024 // n)
+            assert sorted(slices.tolist()) == list(range(n)), n
+
+
+def test_rejects_strata_that_do_not_slice_the_pool():
+    with pytest.raises(ValueError, match="power of two"):
+        stratified_positions(torch.zeros(100), 48, torch.Generator())
+
+
+def test_prefix_mean_is_unbiased_and_less_spread_than_random_order():
+    """Per-image drops that live on the low-margin images, as on the demo's NiNs: the
+    prefix means of the stratified order have the plain random order's expectation (each
+    image equally likely in a prefix) and a smaller spread."""
+    pool, strata, n, draws = 256, 64, 16, 4000
+    gen = torch.Generator().manual_seed(1)
+    margins = torch.rand(pool, generator=gen) * 5
+    drops = (torch.rand(pool, generator=gen) < torch.exp(-2 * margins)).float()
+    inclusion = torch.zeros(pool)
+    stratified, plain = [], []
+    for _ in range(draws):
+        order = stratified_positions(margins, strata, gen)
+        inclusion[order[:n]] += 1
+        stratified.append(drops[order[:n]].mean())
+        plain.append(drops[torch.randperm(pool, generator=gen)[:n]].mean())
+    p = n / pool
+    binomial_sd = (p * (1 - p) / draws) ** 0.5
+    assert (inclusion / draws - p).abs().max() <= 5 * binomial_sd
+    stratified, plain = torch.stack(stratified), torch.stack(plain)
+    se = float(plain.std()) / draws**0.5
+    assert abs(float(stratified.mean()) - float(drops.mean())) <= 4 * se
+    assert abs(float(plain.mean()) - float(drops.mean())) <= 4 * se
+    assert float(stratified.std()) < 0.8 * float(plain.std())
+
+
+def test_stratified_clean_predictions_equal_the_plain_evaluation():
+    x, y = digits(300, seed=0)
+    model = train_tiny(tiny_cnn(8, seed=0), x, y, epochs=3)[0]
+    folded, layout, w = folded_weights(model)
+    gen = torch.Generator().manual_seed(3)
+    clean = CleanPredictions.stratified(folded, layout, w, x, y, gen, 256, 4096)
+    assert sorted(clean.order.tolist()) == list(range(300))
+    counter = ForwardCounter()
+    first = clean.upto(100, counter)
+    assert counter.images == 256  # the pool (256 of 300), paid once by the first caller
+    everything = clean.upto(300, counter)
+    assert counter.images == 300 and torch.equal(everything[:100], first)
+    plain = correct_predictions(folded, layout, w[None], x, y, ForwardCounter(), index=clean.order)
+    assert torch.equal(everything, plain[0])
