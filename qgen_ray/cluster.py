@@ -237,6 +237,20 @@ def scan_repo(root: str | Path) -> list[str]:
 
 
 # -- a one-machine Ray head -------------------------------------------------------------
+# every port `ray start --head` listens on, so that two heads on one machine never collide
+HEAD_PORT_FLAGS = (
+    "--port",
+    "--dashboard-port",
+    "--ray-client-server-port",
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--metrics-export-port",
+    "--runtime-env-agent-port",
+)
+
+
 def free_ports(n: int) -> list[int]:
     """`n` distinct free ports: every socket stays bound until all are chosen, so the
     OS cannot hand the same port out twice (it does, if each is closed at once)."""
@@ -289,7 +303,8 @@ class LocalHead:
         self.token_path = Path(self.temp_dir) / "auth_token"
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
-        self.port, self.dashboard_port, *self._component_ports = free_ports(9)
+        self.ports = dict(zip(HEAD_PORT_FLAGS, free_ports(len(HEAD_PORT_FLAGS))))
+        self.port, self.dashboard_port = self.ports["--port"], self.ports["--dashboard-port"]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         self.env.pop("RAY_ADDRESS", None)
         self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_path))
@@ -305,30 +320,11 @@ class LocalHead:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, timeout: float = 180) -> LocalHead:
-        ports = {
-            "--port": self.port,
-            "--dashboard-port": self.dashboard_port,
-            **dict(
-                zip(
-                    (
-                        "--ray-client-server-port",
-                        "--node-manager-port",
-                        "--object-manager-port",
-                        "--dashboard-agent-listen-port",
-                        "--dashboard-agent-grpc-port",
-                        "--metrics-export-port",
-                        "--runtime-env-agent-port",
-                    ),
-                    self._component_ports,
-                    strict=True,
-                )
-            ),
-        }
         cmd = [
             self.ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1",
             "--num-cpus", str(self.num_cpus), "--num-gpus", "0", "--temp-dir", self.temp_dir,
             "--dashboard-host", "127.0.0.1", "--min-worker-port", "0", "--max-worker-port", "0",
-            "--disable-usage-stats", *[str(x) for kv in ports.items() for x in kv],
+            "--disable-usage-stats", *[str(x) for kv in self.ports.items() for x in kv],
         ]  # fmt: skip
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:

@@ -10,6 +10,7 @@ continue from their last checkpoint, failed ones are retried.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 
 from qgen_ray import schema
 from qgen_ray.errors import UserError, exit_on_user_error
@@ -94,7 +95,9 @@ def write_study_record(store: StudyStore, record: dict) -> None:
     store.write_json(schema.STUDY_JSON, {**record, "created_at": now, "provenance": provenance()})
 
 
-def collect_trials(store: StudyStore, name: str, planned: list[str] = ()) -> str:
+def collect_trials(
+    store: StudyStore, name: str, planned: collections.abc.Sequence[str] = ()
+) -> str:
     """Rebuild the study's tables, print the counts by status, why models failed, and how
     many of the `planned` model ids have no result at all; return trials.parquet."""
     from qgen_ray.collect import collect

@@ -100,9 +100,10 @@ class SearchProtocol:
     pool_max: int = 4096  # images of that pool at most (evaluated once per model)
     max_images: int | None = None  # images read per radius at most (None: all). With K
     #                                directions, ~ the n where the image error matches the
-    #                                directions' (sd ≈ 0.19 per image vs 0.06 per direction
-    #                                on digits CNNs): n ≈ K · (0.19 / 0.06)² ≈ 320 for K = 32;
-    #                                the fast mode reads 256
+    #                                directions' for random reading (sd ≈ 0.19 per image vs
+    #                                0.06 per direction on digits CNNs): n ≈ K · (0.19 /
+    #                                0.06)² ≈ 320 for K = 32; the fast mode reads 256, and
+    #                                its margin-stratified order halves the image error
     ascent_steps: int = 20  # sharpness gradient-ascent steps (QGen App. B.2: 20)
     ascent_lr: float = 1e-4  # ascent SGD learning rate (QGen App. B.2: 1e-4)
     ascent_batch: int = 128  # images per ascent step (paper: the training batch, 128)
