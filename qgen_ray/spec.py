@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 from qgen_ray.errors import UserError
 
@@ -120,9 +120,7 @@ class RunOptions:
     """How a spec is run: never part of the model id."""
 
     device: str = "auto"  # "auto" = cuda when available, else cpu
-    data_root: str | None = None  # folder holding CIFAR / ImageNet on disk
     checkpoint_every: int = 1  # epochs between resumable checkpoints (last.pt)
-    extra: dict = field(default_factory=dict)
 
 
 def row_header(spec: TrainSpec, status: str, reason: str = "") -> dict:

@@ -10,6 +10,7 @@ that lets optimizers be compared at "the same" learning rate.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass, field, replace
 
@@ -18,6 +19,12 @@ from qgen_ray.spec import TrainSpec
 
 # Precisions as (method, bits). FP32 is no quantizer at all.
 PAPER_PRECISIONS = (("fp32", 32), ("lsq", 8), ("lsq", 4), ("lsq", 2))
+
+# What a study can run, in order: training, then the follow-up stages (qgen_ray.stages).
+STAGES = ("train", "measure", "corrupt", "landscape", "report")
+# Parameters of a follow-up stage function that are not study options: the store it works
+# on and where it runs (both come from the command line).
+STAGE_RUN_PARAMETERS = ("store", "place")
 
 # The paper's NiN learning rates per optimizer (METHOD.md §2, QGen Appendix B.3).
 NIN_LR_GRID = {"sgd": [0.1, 0.05, 0.01], "adam": [1e-3, 5e-4, 1e-4], "rmsprop": [1e-3, 5e-4, 1e-4]}
@@ -43,6 +50,41 @@ def _check_names(specs) -> None:
             raise UserError(
                 f"model {spec.model!r} has no option {unknown[0]!r}; valid: "
                 f"{', '.join(sorted(valid)) or 'none'} (set width/depth only for nin)"
+            )
+
+
+def stage_option_names(stage: str) -> list[str]:
+    """The options a study may set for `stage`: its stage function's keyword parameters
+    (read from the signature, as the model registry reads a builder's)."""
+    from qgen_ray.stages import STAGE_FUNCTIONS
+
+    if stage not in STAGE_FUNCTIONS:
+        return []
+    params = inspect.signature(STAGE_FUNCTIONS[stage]).parameters
+    return [name for name in params if name not in STAGE_RUN_PARAMETERS]
+
+
+def _check_stages(stages, stage_options: dict) -> None:
+    """Unknown stage, stage option or option key: one clear line before any work."""
+    for stage in stages:
+        if stage not in STAGES:
+            raise UserError(f"unknown stage {stage!r} in stages; valid: {', '.join(STAGES)}")
+    if not isinstance(stage_options, dict):
+        raise UserError("stage_options must map a stage name to a dict of its options")
+    for stage, options in stage_options.items():
+        valid = stage_option_names(stage)
+        if not valid:
+            with_options = [s for s in STAGES if stage_option_names(s)]
+            raise UserError(
+                f"stage_options names {stage!r}, which is not a stage with options; "
+                f"valid: {', '.join(with_options)}"
+            )
+        if not isinstance(options, dict):
+            raise UserError(f"stage_options[{stage!r}] must be a dict of options")
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise UserError(
+                f"stage {stage!r} has no option {unknown[0]!r}; valid: {', '.join(valid)}"
             )
 
 
@@ -95,7 +137,9 @@ class Study:
         return [spec for spec, _ in self.plan()]
 
     def plan(self) -> list[tuple[TrainSpec, dict]]:
-        """(spec, extra columns) for every model; extra holds `lr_rank` when used."""
+        """(spec, extra columns) for every model; extra holds `lr_rank` when used. Checks
+        the whole declaration (grid, names, stages and their options) first."""
+        _check_stages(self.stages, self.stage_options)
         grid = dict(self.grid)
         lr_table = grid.pop("lr") if isinstance(grid.get("lr"), dict) else None
         if lr_table is not None and "optimizer" not in grid:

@@ -15,10 +15,9 @@ import collections.abc
 from qgen_ray import schema
 from qgen_ray.errors import UserError, exit_on_user_error
 from qgen_ray.store import StudyStore
-from qgen_ray.study import Study
+from qgen_ray.study import STAGES, Study
 
 DEFAULT_STORAGE = "./results"
-STAGES = ("train", "measure", "corrupt", "landscape", "report")
 
 
 def parser(study: Study) -> argparse.ArgumentParser:
@@ -170,7 +169,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
                 progress=not args.quiet,
             )
         outputs["trials"] = collect_trials(store, study.name, [s.model_id for s, _ in pending])
-    for stage in ("measure", "corrupt", "landscape", "report"):
+    for stage in STAGES[1:]:
         if stage in stages:
             from qgen_ray import stages as stage_impl
 

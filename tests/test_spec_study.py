@@ -60,3 +60,55 @@ def test_smoke_is_a_corner_of_the_grid():
         smoke_protocol={"epochs": 1},
     )
     assert len(study.smoke().plan()) == 4 and all(s.epochs == 1 for s in study.smoke().specs())
+
+
+def test_every_optimizer_name_has_a_builder_and_no_other_falls_through():
+    from dataclasses import replace
+
+    import torch
+
+    from qgen_ray.spec import OPTIMIZERS
+    from qgen_ray.train import make_optimizer
+    from qgen_ray.train.loop import OPTIMIZER_BUILDERS
+
+    assert sorted(OPTIMIZER_BUILDERS) == sorted(OPTIMIZERS)
+    model = torch.nn.Linear(2, 2)
+    spec = TrainSpec(dataset="digits", model="nin")
+    expected = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+    for name, cls in expected.items():
+        assert type(make_optimizer(replace(spec, optimizer=name), model)).__name__ == cls
+    object.__setattr__(spec, "optimizer", "lion")  # past the spec's own check
+    with pytest.raises(UserError, match="unknown optimizer 'lion'; valid names: sgd"):
+        make_optimizer(spec, model)
+
+
+@pytest.mark.parametrize(
+    "declaration, fragment",
+    [
+        (dict(stages=("train", "measures")), "unknown stage 'measures' in stages; valid: train"),
+        (
+            dict(stage_options={"landscape": {"stepz": 11}}),
+            "stage 'landscape' has no option 'stepz'; valid: models, per_precision, steps",
+        ),
+        (
+            dict(stage_options={"report": {"x": 1}}),
+            "'report', which is not a stage with options; valid: measure, corrupt, landscape",
+        ),
+        (dict(grid={"optimizer": ["sgd", "lion"]}), "unknown optimizer 'lion'"),
+    ],
+)
+def test_study_declaration_is_checked_whole_by_plan(declaration, fragment):
+    study = Study(name="x", dataset="digits", model="nin", grid={"width": [1]})
+    study.plan()  # the valid declaration plans
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(")):
+        Study(**{**study.__dict__, **declaration}).plan()
+
+
+def test_every_study_scripts_stage_options_are_valid():
+    from tests.conftest import REPO, load_script
+
+    for script in sorted((REPO / "studies").glob("*.py")):
+        module = load_script(script.stem)
+        for study in getattr(module, "STUDIES", ()) or (getattr(module, "STUDY", None),):
+            if study is not None:
+                study.plan()

@@ -132,6 +132,24 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_store_alone(tmp_path, capsy
     assert (store / "x" / schema.TRIALS).read_bytes() == b"precious"
 
 
+@pytest.mark.parametrize(
+    "declaration, fragment",
+    [
+        (dict(stages=("train", "measures")), "unknown stage 'measures'"),
+        (dict(stage_options={"landscape": {"stepz": 11}}), "no option 'stepz'"),
+        (dict(grid={"width": [1], "optimizer": ["lion"]}), "unknown optimizer 'lion'"),
+    ],
+)
+def test_bad_study_declaration_is_one_line_before_any_file(tmp_path, capsys, declaration, fragment):
+    """Checked in plan(), before the store is created: the storage folder stays absent."""
+    store = tmp_path / "store"
+    study = Study(
+        **{"name": "x", "dataset": "digits", "model": "nin", "grid": {"width": [1]}, **declaration}
+    )
+    assert fragment in _bad(["--storage", str(store), "--quiet"], study, capsys)
+    assert not store.exists()
+
+
 def test_study_script_bad_flag_value_exits_2():
     out = _run(["studies/demo.py", "--smoke", "--cpus-per-trial", "0", "--storage", "/tmp/q"])
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr

@@ -27,6 +27,7 @@ from torch import nn
 
 from qgen_ray import schema
 from qgen_ray.data.base import ImageData
+from qgen_ray.errors import UserError
 from qgen_ray.provenance import provenance
 from qgen_ray.spec import RunOptions, TrainSpec, row_header
 from qgen_ray.store import TrialStore
@@ -55,15 +56,29 @@ def make_optimizer(spec: TrainSpec, model: nn.Module) -> torch.optim.Optimizer:
         {"params": [p for p in model.parameters() if id(p) in quant], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    if spec.optimizer == "sgd":
-        return torch.optim.SGD(
-            groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    if spec.optimizer not in OPTIMIZER_BUILDERS:
+        raise UserError(
+            f"unknown optimizer {spec.optimizer!r}; valid names: {', '.join(OPTIMIZER_BUILDERS)}"
         )
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=spec.lr, weight_decay=spec.weight_decay)
-    if spec.optimizer == "adamw":  # decoupled weight decay (the DeiT / VVTQ recipe)
-        return torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.RMSprop(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+    return OPTIMIZER_BUILDERS[spec.optimizer](groups, spec)
+
+
+# One builder per name of `qgen_ray.spec.OPTIMIZERS` (a test holds the two lists equal).
+OPTIMIZER_BUILDERS = {
+    "sgd": lambda groups, spec: torch.optim.SGD(
+        groups, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    ),
+    "adam": lambda groups, spec: torch.optim.Adam(
+        groups, lr=spec.lr, weight_decay=spec.weight_decay
+    ),
+    # decoupled weight decay (the DeiT / VVTQ recipe)
+    "adamw": lambda groups, spec: torch.optim.AdamW(
+        groups, lr=spec.lr, weight_decay=spec.weight_decay
+    ),
+    "rmsprop": lambda groups, spec: torch.optim.RMSprop(
+        groups, lr=spec.lr, weight_decay=spec.weight_decay
+    ),
+}
 
 
 def make_scheduler(
