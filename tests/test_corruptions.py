@@ -117,13 +117,19 @@ def test_caller_rng_state_is_restored():
     assert (np.random.random(), random.random()) == expected
 
 
-def test_severity_increases_noise():
+@pytest.mark.statistical
+def test_severity_increases_noise(stat_seed):
+    """Mean |noise| over 12,288 pixel values per severity: imagecorruptions' sd rises by
+    1.46-1.5x a severity (0.08, 0.12, 0.18, 0.26, 0.38 of the range; the clipping at 0
+    and 255 trims the last steps to 1.32-1.36x over seeds 0-5), while the mean's own
+    sampling error is < 1% of it: each step must show a rise of at least 20%."""
     images = np.full((4, 32, 32, 3), 128, np.uint8)
     spread = [
-        np.abs(corrupt_images(images, "gaussian_noise", s, seed=0).astype(int) - 128).mean()
+        np.abs(corrupt_images(images, "gaussian_noise", s, seed=stat_seed).astype(int) - 128).mean()
         for s in SEVERITIES
     ]
-    assert spread == sorted(spread) and spread[0] < spread[-1] / 2
+    assert all(b > 1.2 * a for a, b in zip(spread, spread[1:])), spread
+    assert spread[0] < spread[-1] / 2
 
 
 @pytest.mark.parametrize("side", [32, 224])

@@ -69,20 +69,24 @@ def _category(sample: torch.Tensor, outs: list[torch.Tensor]) -> int:
     return next(i for i, o in enumerate(outs) if torch.equal(o, sample))
 
 
-def test_batched_crop_flip_matches_torchvision_in_distribution():
-    """Same support and the same (uniform) law over the 9x9x2 crop/flip outcomes."""
-    g = torch.Generator().manual_seed(0)
+@pytest.mark.statistical
+def test_batched_crop_flip_matches_torchvision_in_distribution(stat_seed):
+    """Same support and the same (uniform) law over the 5x5x2 crop/flip outcomes: a
+    chi-square test of 5000 draws each, rejecting at p < 1e-4 (a false alarm once in
+    5000 runs for the two tests; a law that never flips, or never shifts by the full pad,
+    gives p < 1e-100)."""
+    g = torch.Generator().manual_seed(stat_seed)
     img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=g)
     pad, n = 2, 5000
     outs = _all_torchvision_outputs(img, pad)
     assert len({o.numpy().tobytes() for o in outs}) == len(outs)  # outcomes distinguishable
     ours = random_crop_flip(img.expand(n, -1, -1, -1), pad, True, g)
     ours_counts = np.bincount([_category(s, outs) for s in ours], minlength=len(outs))
-    torch.manual_seed(0)
+    torch.manual_seed(stat_seed)
     tv = T.Compose([T.RandomCrop(8, padding=pad), T.RandomHorizontalFlip()])
     tv_counts = np.bincount([_category(tv(img), outs) for _ in range(n)], minlength=len(outs))
     for counts in (ours_counts, tv_counts):
-        assert chisquare(counts).pvalue > 1e-3  # both uniform over the same outcomes
+        assert chisquare(counts).pvalue > 1e-4  # both uniform over the same outcomes
     assert ours_counts.sum() == n
 
 

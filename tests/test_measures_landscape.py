@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -24,12 +25,13 @@ def test_filter_normalized_direction():
     assert not d["conv.bias"].any() and not d["bn.weight"].any()
 
 
-def test_loss_landscape_grid():
-    x, y = digits(200, seed=4)
-    model, _ = train_tiny(tiny_cnn(8, seed=4), x, y, epochs=15)
+@pytest.mark.statistical
+def test_loss_landscape_grid(stat_seed):
+    x, y = digits(200, seed=4 + stat_seed)
+    model, _ = train_tiny(tiny_cnn(8, seed=4 + stat_seed), x, y, epochs=15, seed=stat_seed)
     model.train()  # the landscape must switch to eval mode and restore this
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    df = loss_landscape(model, x, y, steps=5, span=0.5, seed=1)
+    df = loss_landscape(model, x, y, steps=5, span=0.5, seed=1 + stat_seed)
     assert list(df.columns) == ["x", "y", "loss", "accuracy"] and len(df) == 25
     assert sorted(set(df["x"])) == [-0.5, -0.25, 0.0, 0.25, 0.5]
     assert model.training
@@ -40,7 +42,9 @@ def test_loss_landscape_grid():
     center = df[(df.x == 0) & (df.y == 0)].iloc[0]
     assert abs(center.loss - float(F.cross_entropy(logits, y))) < 1e-5
     assert abs(center.accuracy - float((logits.argmax(-1) == y).double().mean())) < 1e-12
-    assert df.loss.max() > center.loss  # a trained model sits in a basin
-    again = loss_landscape(model, x, y, steps=5, span=0.5, seed=1)
+    # a trained model sits in a basin: the highest loss on the grid is 5.3-11x the
+    # centre's over seeds 0-5; 2x leaves room for any seed and thread count
+    assert df.loss.max() > 2 * center.loss
+    again = loss_landscape(model, x, y, steps=5, span=0.5, seed=1 + stat_seed)
     assert again.equals(df)
-    assert not loss_landscape(model, x, y, steps=5, span=0.5, seed=2).equals(df)
+    assert not loss_landscape(model, x, y, steps=5, span=0.5, seed=2 + stat_seed).equals(df)

@@ -14,12 +14,17 @@ import pytest
 import torch
 
 from qgen_ray.measures import compute_measures, folded_weights
-from qgen_ray.measures.evaluate import CleanPredictions, ForwardCounter, correct_predictions
-from qgen_ray.measures.perturb import FAMILIES, ascend
+from qgen_ray.measures.evaluate import CleanPredictions
+from qgen_ray.measures.perturb import FAMILIES
 from qgen_ray.measures.search import FlatnessSearch, crossing_radius, protocol_for
 from qgen_ray.measures.toy import digits, tiny_cnn, train_tiny
+from tests.oracles import fresh_drops
 
 TARGET = 0.1
+# sd of the drop at the radius one search returns, from its own sizes (96 directions, 256
+# images): the fresh 120-draw means at 8 seeds' radii spread by 0.011 (1 thread), of which
+# 0.007 is their own sampling error.
+SEARCH_DROP_SD = 0.008
 
 # (width, epochs, weight decay) of small digits CNNs
 TOY_MODELS = [(8, 3, 0.0), (8, 10, 1e-3), (8, 20, 0.0)]
@@ -39,35 +44,25 @@ def models(data):
     ]
 
 
-def _fresh_drop(model, x, y, family_name: str, radius: float, k: int, seed: int) -> float:
-    """Mean training-accuracy drop of `k` fresh perturbations at `radius`, written from
-    the primitives (plain loop; sharpness: the paper's 20 ascent steps, lr 1e-4)."""
-    folded, layout, w = folded_weights(model)
-    family = FAMILIES[family_name]
-    gen = torch.Generator().manual_seed(seed)
-    scale = family.scale(radius, w)
-    u = scale * family.directions(k, layout.numel, gen, w.device)
-    if family.worst_case:
-        idx = torch.randint(0, x.shape[0], (20, 128), generator=gen)
-        batches = [(x[i], y[i]) for i in idx]  # vmapped: equal to the loop (test_perturb)
-        u = ascend(folded, layout, w, u, scale, batches, 1e-4, ForwardCounter(), batched=True)
-    count = ForwardCounter()
-    clean = correct_predictions(folded, layout, w[None], x, y, count)[0].float()
-    perturbed = correct_predictions(folded, layout, w + u, x, y, count).float()
-    return float((clean[None] - perturbed).mean())
-
-
+@pytest.mark.statistical
 @pytest.mark.parametrize("name", ["pacbayes_mag_init", "sharpness_init"])
-def test_fresh_noise_at_returned_radius_drops_accuracy_by_target(models, data, name):
+def test_fresh_noise_at_returned_radius_drops_accuracy_by_target(models, data, name, stat_seed):
     """The fast search with 96 perturbations (64 restarts) and a ±0.005 band (its default
-    sizes leave ~0.015 of noise, the paper's ~0.02); re-evaluated with 120 fresh ones."""
+    sizes leave ~0.015 of noise, the paper's ~0.02), re-evaluated with 120 fresh ones on
+    all 600 images. Allowed: the band plus 4 standard errors of the fresh mean (measured
+    here from the 120 drops, ~0.007) combined with the search's own error in drop units
+    (SEARCH_DROP_SD), so ~0.05. A search aiming at a drop of 0.2 misses by twice that."""
     x, y = data
     model, init = models[2]
     overrides = dict(samples=96, restarts=64, tolerance=0.005)
-    (row,) = compute_measures(model, init, x, y, names=[name], protocol_overrides=overrides)
+    (row,) = compute_measures(
+        model, init, x, y, names=[name], protocol_overrides=overrides, seed=stat_seed
+    )
     assert row["converged"]
-    drop = _fresh_drop(model, x, y, name.rsplit("_", 1)[0], row["sigma"], 120, seed=99)
-    assert abs(drop - TARGET) <= 0.02
+    drops = fresh_drops(model, x, y, name.rsplit("_", 1)[0], row["sigma"], 120, 99 + stat_seed)
+    fresh_se = float(drops.std()) / len(drops) ** 0.5
+    allowed = overrides["tolerance"] + 4 * (fresh_se**2 + SEARCH_DROP_SD**2) ** 0.5
+    assert abs(float(drops.mean()) - TARGET) <= allowed, (float(drops.mean()), allowed)
 
 
 def test_crossing_radius_inverts_a_power_law_drop_curve():

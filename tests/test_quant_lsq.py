@@ -143,15 +143,15 @@ def test_a_few_sgd_steps_move_the_step():
     assert q.step.item() != before
 
 
-def _train_step(bits: int, init_step: float | None) -> float:
+def _train_step(bits: int, init_step: float | None, seed: int = 0) -> float:
     """Fit a teacher linear map with a quantized student of the same start; return s."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     teacher = torch.randn(8, 32) * 0.3
     w = torch.nn.Parameter(teacher + 0.05 * torch.randn(8, 32))
     q = LSQWeightQuantizer(bits)
     q.initialize(w) if init_step is None else q.set_step(init_step)
     opt = torch.optim.Adam([w, q.step], lr=1e-2)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed + 1)
     for _ in range(150):
         x = torch.randn(128, 32, generator=gen)
         loss = ((x @ q(w).T - x @ teacher.T) ** 2).mean()
@@ -162,12 +162,16 @@ def _train_step(bits: int, init_step: float | None) -> float:
     return q.step.item()
 
 
-def test_after_short_training_fewer_bits_give_a_larger_step():
-    learned = [_train_step(bits, init_step=None) for bits in BITS]
-    assert learned[0] > learned[1] > learned[2]
+@pytest.mark.statistical
+def test_after_short_training_fewer_bits_give_a_larger_step(stat_seed):
+    """The learned steps of 2 / 4 / 8 bits are ordered with room to spare: each at least
+    1.5x the next (measured over seeds 0-5: 2.8-12x from the LSQ init, 2.0-10x from a
+    common start), so neither the seed nor the thread count decides the order."""
+    learned = [_train_step(bits, init_step=None, seed=stat_seed) for bits in BITS]
+    assert learned[0] > 1.5 * learned[1] > 2.25 * learned[2], learned
     # Also from one common start, so the ordering is learned, not inherited from the init.
-    common = [_train_step(bits, init_step=0.05) for bits in BITS]
-    assert common[0] > common[1] > common[2]
+    common = [_train_step(bits, init_step=0.05, seed=stat_seed) for bits in BITS]
+    assert common[0] > 1.5 * common[1] > 2.25 * common[2], common
 
 
 def test_clamp_keeps_step_positive():

@@ -33,6 +33,9 @@ def digits():
     return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
 
 
+QAR_MARGIN = 0.1  # least difference of the two snap drops (see the test)
+
+
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
@@ -40,10 +43,12 @@ def mlp(seed: int = 0) -> nn.Module:
     )
 
 
-def train(model: nn.Module, digits, epochs: int, weight: float | None = None) -> nn.Module:
+def train(
+    model: nn.Module, digits, epochs: int, weight: float | None = None, seed: int = 0
+) -> nn.Module:
     x, y = digits[0], digits[1]
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=gen)
         for start in range(0, len(x), 64):
@@ -128,14 +133,21 @@ def test_evaluate_snap_reports_accuracies_and_compression(digits):
     assert model.training  # evaluate_snap restores the mode
 
 
-def test_the_penalty_shrinks_the_snap_drop(digits):
-    """The point of the regularizer: with it, snapping costs less accuracy."""
+@pytest.mark.statistical
+def test_the_penalty_shrinks_the_snap_drop(digits, stat_seed):
+    """The point of the regularizer: with it, snapping costs less accuracy. Measured over
+    seeds 0-5: 0.23-0.71 of test accuracy lost by the plain model, 0.015-0.12 by the
+    regularized one, never less than 0.18 apart; the test asks for 0.1 (five standard
+    errors of an accuracy on these 397 test images)."""
     x, y = digits[2], digits[3]
-    plain = train(quantize_model(mlp(), 2, "qar", QuantPolicy.none()), digits, 8, weight=0.0)
-    regularized = train(quantize_model(mlp(), 2, "qar", QuantPolicy.none()), digits, 8)
-    drop_plain = evaluate_snap(plain, x, y)["acc_drop"]
-    drop_regularized = evaluate_snap(regularized, x, y)["acc_drop"]
-    assert drop_regularized < drop_plain
+
+    def trained(weight):
+        model = quantize_model(mlp(stat_seed), 2, "qar", QuantPolicy.none())
+        return train(model, digits, 8, weight=weight, seed=stat_seed)
+
+    drop_plain = evaluate_snap(trained(0.0), x, y)["acc_drop"]
+    drop_regularized = evaluate_snap(trained(None), x, y)["acc_drop"]
+    assert drop_regularized < drop_plain - QAR_MARGIN, (drop_regularized, drop_plain)
 
 
 def test_snap_needs_a_qar_model():
