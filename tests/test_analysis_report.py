@@ -48,6 +48,44 @@ def test_full_report_has_every_section(full_report):
     assert order == sorted(order)
 
 
+def _section_rows(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the first Markdown table after `heading`, as lists of cells."""
+    lines = text[text.index(heading) :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_report_numbers_are_the_tables_own(full_report):
+    """Tables 1 and 2 recomputed from the Parquet tables with pandas: per precision the
+    mean of each column over the ok models (Table 1) and the weight norm's mean and std
+    (Table 2), equal to the report's cells at their 4 significant digits."""
+    study = full_report.parent.parent
+    text = full_report.read_text()
+    trials = pd.read_parquet(study / schema.TRIALS)
+    ok = trials[trials["status"] == schema.STATUS_OK]
+    names = {32: "FP32", 8: "int8", 4: "int4", 2: "int2"}
+    columns = ["train_acc", "test_acc", "train_loss", "test_loss", "gap_loss", "gap_acc"]
+    table1 = {row[2]: row for row in _section_rows(text, "## Table 1")}
+    for bits, group in ok.groupby("bits"):
+        row = table1[names[bits]]
+        assert int(row[3]) == len(group)
+        for cell, column in zip(row[4:], columns):
+            assert float(cell) == pytest.approx(group[column].mean(), rel=5e-4), column
+    measures = pd.read_parquet(study / schema.MEASURES)
+    norms = measures[measures["measure"] == "weight_norm"].merge(ok[["model_id", "bits"]])
+    table2 = {row[2]: row for row in _section_rows(text, "## Table 2")}
+    for bits, group in norms.groupby("bits"):
+        row = table2[names[bits]]
+        assert int(row[3]) == len(group)
+        assert float(row[4]) == pytest.approx(group["value"].mean(), rel=5e-4)
+        assert float(row[5]) == pytest.approx(group["value"].std(), rel=5e-4)
+
+
 def test_full_report_figures_are_linked_and_real(full_report):
     folder = full_report.parent
     text = full_report.read_text()

@@ -151,6 +151,45 @@ def test_small_and_grayscale_images(corruption):
         assert not np.array_equal(out, images)
 
 
+def _library_corruption(image, corruption: str, severity: int, seed: int, index: int):
+    """imagecorruptions' own output for image `index` of a call with `seed`: numpy's and
+    python's global RNGs (and the `seed` argument of glass_blur / impulse_noise) seeded
+    with the 32-bit SeedSequence state of (seed, crc32(name), severity, index)."""
+    import zlib
+
+    from imagecorruptions import corrupt
+
+    entropy = [seed, zlib.crc32(corruption.encode()), severity, index]
+    seed_i = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+    np.random.seed(seed_i)
+    random.seed(seed_i)
+    kwargs = {"seed": seed_i} if corruption in ("glass_blur", "impulse_noise") else {}
+    return corrupt(image, severity=severity, corruption_name=corruption, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "corruption", ["gaussian_noise", "impulse_noise", "glass_blur", "zoom_blur", "contrast"]
+)
+def test_outputs_equal_imagecorruptions_own_under_the_same_seed(corruption):
+    images = _images(3, 32, seed=11)
+    out = corrupt_images(images, corruption, 3, seed=4)
+    for i, image in enumerate(images):
+        assert np.array_equal(out[i], _library_corruption(image, corruption, 3, 4, i)), i
+
+
+@pytest.mark.parametrize("corruption", ["gaussian_noise", "zoom_blur"])
+def test_a_small_grey_image_is_the_centre_of_its_symmetric_padding_corrupted(corruption):
+    """A 16x20 one-channel image: repeated to RGB, padded symmetrically to 32x32 (8 + 8
+    rows, 6 + 6 columns), corrupted by the library, cropped back from the centre, first
+    channel."""
+    image = _images(1, 20, channels=1, seed=12)[:, :16]
+    out = corrupt_images(image, corruption, 4, seed=2)
+    rgb = np.repeat(image[0], 3, axis=-1)
+    padded = np.pad(rgb, ((8, 8), (6, 6), (0, 0)), mode="symmetric")
+    expected = _library_corruption(padded, corruption, 4, 2, 0)[8:24, 6:26, :1]
+    assert np.array_equal(out[0], expected)
+
+
 def test_non_square_small_image():
     image = np.ascontiguousarray(_images(1, 40)[:, :, :20])  # 40 high, 20 wide: pad width
     out = corrupt_images(image, "zoom_blur", 2, seed=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 
 import numpy as np
 import pytest
@@ -37,6 +38,25 @@ def test_cifar_reads_the_pickle_layout(cifar10_root):
     data = load_image_data("cifar10", str(cifar10_root))
     assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
     assert data.num_classes == 10 and data.crop_padding == 4 and data.flip
+
+
+def test_cifar_images_are_pixel_exact_against_the_pickles_they_came_from(cifar10_root):
+    """The published layout, read here by hand: each row of a batch's `data` is 1024 red,
+    then 1024 green, then 1024 blue bytes, each plane row-major 32x32; the train set is
+    data_batch_1..5 in order."""
+    folder = cifar10_root / "cifar-10-batches-py"
+
+    def read(names):
+        batches = [pickle.loads((folder / n).read_bytes()) for n in names]
+        x = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        y = np.concatenate([b["labels"] for b in batches])
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+    data = load_image_data("cifar10", str(cifar10_root))
+    train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = read(["test_batch"])
+    assert torch.equal(data.train_x, train_x) and torch.equal(data.train_y, train_y)
+    assert torch.equal(data.test_x, test_x) and torch.equal(data.test_y, test_y)
 
 
 def test_cifar_missing_or_incomplete_folder_is_one_clear_error(tmp_path, cifar10_root):

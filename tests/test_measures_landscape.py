@@ -48,3 +48,38 @@ def test_loss_landscape_grid(stat_seed):
     again = loss_landscape(model, x, y, steps=5, span=0.5, seed=1 + stat_seed)
     assert again.equals(df)
     assert not loss_landscape(model, x, y, steps=5, span=0.5, seed=2 + stat_seed).equals(df)
+
+
+def test_off_centre_point_equals_the_model_moved_by_hand():
+    """(x, y) = (0.5, -0.25) recomputed from scratch: two Gaussian directions drawn from
+    the seeded generator in parameter order (nothing drawn for 1-D tensors, which stay
+    put), each output filter rescaled to the weights' filter norm, the model moved by
+    0.5·d1 − 0.25·d2 in place and evaluated in eval mode."""
+    import copy
+
+    x, y = digits(200, seed=5)
+    model, _ = train_tiny(tiny_cnn(8, seed=5), x, y, epochs=5)
+    df = loss_landscape(model, x, y, steps=5, span=0.5, seed=7)
+    gen = torch.Generator().manual_seed(7)
+    named = list(model.named_parameters())
+
+    def direction():
+        out = {}
+        for name, p in named:
+            if p.dim() > 1:
+                d = torch.randn(p.shape, generator=gen)
+                for f in range(p.shape[0]):
+                    d[f] *= p[f].norm() / d[f].norm()
+                out[name] = d
+        return out
+
+    d1, d2 = direction(), direction()
+    moved = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, p in moved.named_parameters():
+            if name in d1:
+                p += 0.5 * d1[name] - 0.25 * d2[name]
+        logits = moved(x)
+    point = df[(df.x == 0.5) & (df.y == -0.25)].iloc[0]
+    assert point.loss == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    assert point.accuracy == pytest.approx(float((logits.argmax(-1) == y).float().mean()))

@@ -86,11 +86,50 @@ def test_nin_runs_on_16x16_at_depth_4() -> None:
         assert model(torch.randn(BATCH, 3, 16, 16)).shape == (BATCH, NUM_CLASSES)
 
 
-def test_parameter_counts_match_the_published_architectures() -> None:
-    assert count_params(create_model("resnet18", 1000)) == 11_689_512  # torchvision docs
-    assert count_params(create_model("vgg16_cifar", NUM_CLASSES)) == 14_728_266
+# (model, classes, image size, options) -> parameters, as published by the model's source
+PUBLISHED_PARAMS = {
+    ("resnet18", 1000, 224, ()): 11_689_512,  # torchvision's model table
+    ("resnet50", 1000, 224, ()): 25_557_032,  # torchvision's model table
+    ("mobilenet_v2", 1000, 224, ()): 3_504_872,  # torchvision's model table
+    ("mobilenet_v1", 1000, 224, ()): 4_231_976,  # Howard et al. 2017, Table 8: 4.2 M
+    ("deit_tiny", 1000, 224, ()): 5_717_416,  # timm deit_tiny_patch16_224 (DeiT: 5 M)
+    ("swin_tiny", 1000, 224, ()): 28_288_354,  # timm swin_tiny_patch4_window7_224 (28 M)
+    ("vgg16_cifar", 10, 32, ()): 14_728_266,  # the common CIFAR VGG-16 with BN (14.7 M)
+    ("vgg19_cifar", 10, 32, ()): 20_040_522,  # the common CIFAR VGG-19 with BN (20.0 M)
+    ("resnet18_cifar", 10, 32, (("base_width", 64),)): 11_173_962,  # He et al.'s CIFAR
+    ("resnet50_cifar", 10, 32, (("base_width", 64),)): 23_520_842,  # ResNets at width 64
+    # no published count: the layer tables in the modules' docstrings, summed by hand
+    # AlexNet: convs 3x3 64-192-384-256-256 (+ biases), FC 1024-4096-4096-10
+    ("alexnet_cifar", 10, 32, ()): (64 * 27 + 64)
+    + (192 * 576 + 192)
+    + (384 * 1728 + 384)
+    + (256 * 3456 + 256)
+    + (256 * 2304 + 256)
+    + (4096 * 1024 + 4096)
+    + (4096 * 4096 + 4096)
+    + (10 * 4096 + 10),
+    # NiN width 1 (25 channels) depth 2: per block a 3x3 conv and two 1x1 convs, each with
+    # bias and BN (2 per channel); head 1x1 conv to 10 classes + BN
+    ("nin", 10, 32, ()): (25 * 27 + 25 + 50)
+    + (25 * 225 + 25 + 50)
+    + 4 * (25 * 25 + 25 + 50)
+    + (10 * 25 + 10 + 20),
+}
+
+
+def test_every_model_of_the_zoo_has_a_pinned_parameter_count() -> None:
+    assert {key[0] for key in PUBLISHED_PARAMS} == set(MODELS.names())
+
+
+@pytest.mark.parametrize("key", list(PUBLISHED_PARAMS), ids=lambda key: key[0])
+def test_parameter_counts_match_the_published_architectures(key) -> None:
+    name, classes, size, options = key
+    model = create_model(name, classes, image_size=size, **dict(options))
+    assert count_params(model) == PUBLISHED_PARAMS[key]
+
+
+def test_cifar_resnets_default_to_the_narrow_width() -> None:
     wide = create_model("resnet18_cifar", NUM_CLASSES, base_width=64)
-    assert count_params(wide) == 11_173_962  # the common 64-wide CIFAR ResNet-18
     assert count_params(create_model("resnet18_cifar", NUM_CLASSES)) < count_params(wide) / 10
     bottleneck = create_model("resnet50_cifar", NUM_CLASSES)
     assert bottleneck.fc.in_features == 16 * 8 * 4  # base x 8, expansion 4

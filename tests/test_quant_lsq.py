@@ -66,8 +66,8 @@ def test_gradients_match_torch_learnable_fake_quantize_outside_the_edge_bands(bi
     w_ref = w.clone().requires_grad_(True)
     s_ref = step.clone().requires_grad_(True)
     out = torch._fake_quantize_learnable_per_tensor_affine(
-        w_ref, s_ref, torch.zeros(1), -q.Qn, q.Qp, q.grad_scale(w)
-    )
+        w_ref, s_ref, torch.zeros(1), -q.Qn, q.Qp, 1 / math.sqrt(w.numel() * q.Qp)
+    )  # LSQ Sec. 2.2's step gradient scale g = 1 / sqrt(N · Qp), written out here
     (out * upstream).sum().backward()
     assert torch.equal(out.detach(), q(w).detach())
     assert torch.allclose(grad_w, w_ref.grad)
@@ -82,7 +82,7 @@ def test_edge_bands_follow_the_lsq_rule(bits):
     v = torch.tensor([-q.Qn - 0.3, -q.Qn - 0.1, q.Qp + 0.1, q.Qp + 0.4, 0.3, -1.2])
     grad_w, _ = _lsq_grads(q, v * 0.125, torch.ones(6))
     assert torch.equal(grad_w, torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 1.0]))
-    g = q.grad_scale(v)
+    g = 1 / math.sqrt(6 * q.Qp)  # LSQ's g = 1 / sqrt(N · Qp) for these N = 6 weights
     for i, expected in enumerate([-q.Qn, -q.Qn, q.Qp, q.Qp, 0.0 - 0.3, -1.0 + 1.2]):
         upstream = torch.zeros(6)
         upstream[i] = 1.0

@@ -16,6 +16,28 @@ def test_model_id_is_stable_and_depends_only_on_science():
     assert TrainSpec(dataset="digits", model="nin", width=2, depth=2).model_id != a.model_id
 
 
+def test_reference_model_ids_never_change():
+    """Every store ever written is keyed by these hashes: a change to the hashing rule, a
+    field's default or the serialization would orphan them all. The first model of the
+    paper's NiN grid on CIFAR-10, and a quantized demo model (late fields at default)."""
+    paper = nin_population("cifar10", [2, 3, 4]).specs()[0]
+    assert (paper.width, paper.depth, paper.optimizer, paper.lr, paper.bits) == (
+        8,
+        2,
+        "sgd",
+        0.1,
+        32,
+    )
+    assert paper.model_id == "d2cfa8081b884ec0"
+    demo = TrainSpec(dataset="digits", model="nin", width=1, depth=2, epochs=12, batch_size=64,
+                     milestones=(6, 9), augment=False, optimizer="sgd", lr=0.1, method="lsq",
+                     bits=4)  # fmt: skip
+    assert demo.model_id == "fc0568bd8bb955a0"
+    assert TrainSpec.from_dict({**demo.to_dict(), "lr_schedule": "cosine"}).model_id != (
+        demo.model_id
+    )
+
+
 def test_spec_rejects_impossible_precisions():
     with pytest.raises(UserError, match="bits=32"):
         TrainSpec(dataset="digits", model="nin", bits=4, method="fp32")

@@ -75,12 +75,43 @@ def test_corrupt_stage_gap_is_corrupted_loss_minus_clean_train_loss(study, capsy
     worst = table.groupby("severity")["loss"].mean()
     assert worst[5] > worst[1]  # severity 5 hurts more than severity 1
     assert (study.path("corrupted") != "") and study.exists("corrupted/digits/contrast/5.npy")
+    _assert_rows_recomputed_from_the_cached_images(study, table)
     capsys.readouterr()
     corrupt_study(study, corruptions=["gaussian_noise", "contrast"], severities=[1, 5])
     assert "0 models to evaluate" in capsys.readouterr().out
 
 
+def _assert_rows_recomputed_from_the_cached_images(store: StudyStore, table: pd.DataFrame):
+    """Every row's loss and accuracy, recomputed from the cached .npy (uint8 NHWC) by hand:
+    (x / 255 − mean) / std with the digits' statistics, the kept model, mean cross-entropy
+    against the test labels; and the cache holds the corruption of the test images."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from qgen_ray import load_model
+    from qgen_ray.data.corruptions import corrupt_images
+    from qgen_ray.jobs import CORRUPTION_SEED
+
+    data = load_image_data("digits")
+    mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)
+    clean = data.test_x.permute(0, 2, 3, 1).numpy()
+    for (corruption, severity), rows in table.groupby(["corruption", "severity"]):
+        cached = np.load(store.path(f"corrupted/digits/{corruption}/{severity}.npy"))
+        made = corrupt_images(clean, corruption, int(severity), seed=CORRUPTION_SEED)
+        assert np.array_equal(cached, made) and not np.array_equal(cached, clean)
+        x = (torch.from_numpy(cached).permute(0, 3, 1, 2).float() / 255 - mean) / std
+        for row in rows.itertuples():
+            with torch.no_grad():
+                logits = load_model(store.uri, row.model_id).eval()(x)
+            loss = float(F.cross_entropy(logits, data.test_y))
+            acc = float((logits.argmax(1) == data.test_y).double().mean())
+            assert row.loss == pytest.approx(loss, rel=1e-5), (corruption, severity)
+            assert row.accuracy == pytest.approx(acc, abs=1e-12)
+
+
 def test_landscape_and_report(study):
+    if not study.exists(schema.CORRUPTIONS):  # run alone: the report needs its table
+        corrupt_study(study, corruptions=["gaussian_noise"], severities=[1])
     landscape_study(study, steps=5)
     surf = study.read_table(schema.LANDSCAPES)
     assert surf["model_id"].nunique() == 4 and len(surf) == 4 * 25

@@ -54,8 +54,10 @@ def test_same_spec_same_numbers_and_gaps_are_consistent(digits):
 
 
 def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
+    """Killed at epoch 2, before the lr milestone at 3: the resumed run must restore the
+    schedule (and optimizer, sampler) state, so every epoch's lr and loss match."""
     store = StudyStore(str(tmp_path / "s"))
-    spec = _spec(optimizer="adam", lr=1e-3)
+    spec = _spec(optimizer="adam", lr=1e-3, milestones=(3,))
     straight = train(spec, digits)
     trial = store.trial(spec.model_id)
     train(TrainSpec.from_dict({**spec.to_dict(), "epochs": 2}), digits, trial)  # "killed" at 2
@@ -63,8 +65,34 @@ def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
     assert ckpt["epoch"] == 2
     resumed = train(spec, digits, trial)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]]
+    assert [h["lr"] for h in straight["history"]] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-4])
+    for got, want in zip(resumed["history"], straight["history"]):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6), got["epoch"]
     for k in METRICS:
         assert resumed[k] == pytest.approx(straight[k], rel=1e-5, abs=1e-6), k
+
+
+def test_final_checkpoint_holds_the_lowest_training_loss_epoch_not_the_last(digits, tmp_path):
+    """The paper keeps the epoch of lowest training loss. Here the lr jumps x30 after
+    epoch 3, so the loss climbs after it (1.81, then 2.21 and 2.35 at 1 or 2 threads):
+    the kept epoch is 3 of 5, and final.pt must hold exactly the weights a run stopped
+    after epoch 3 ends with."""
+    store = StudyStore(str(tmp_path / "s"))
+    spec = _spec(epochs=5, lr=0.1, milestones=(3,), gamma=30.0)
+    trial = store.trial(spec.model_id)
+    result = train(spec, digits, trial)
+    losses = [h["train_loss"] for h in result["history"]]
+    assert result["best_epoch"] == 1 + losses.index(min(losses)) == 3
+    assert min(losses[3:]) > 1.1 * losses[2]  # the last epoch is clearly not the kept one
+    stopped = TrainSpec.from_dict({**spec.to_dict(), "epochs": 3})
+    stopped_trial = store.trial(stopped.model_id)
+    train(stopped, digits, stopped_trial)
+    epoch3 = stopped_trial.load(schema.LAST_CKPT)["model"]
+    kept = trial.load(schema.FINAL_CKPT)
+    assert kept.keys() == epoch3.keys()
+    for name, tensor in kept.items():
+        assert torch.equal(tensor, epoch3[name]), name
 
 
 def test_non_finite_loss_marks_the_run_diverged(digits):
