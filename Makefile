@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test test-stats lint format bench clean
+.PHONY: install demo test test-random test-stats mutate lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,8 +26,15 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format qgen_ray studies tests analysis benchmarks
 	$(VENV)/bin/ruff check --fix qgen_ray studies tests analysis benchmarks
 
+# The suite in its file order (pytest-randomly is installed but off here) ...
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:randomly
+
+# ... and in a random order: every test builds what it needs. pytest-randomly prints its
+# seed; `make test-random SEED=N` replays that order.
+SEED ?=
+test-random: $(STAMP)
+	$(PY) -m pytest -p randomly $(if $(SEED),--randomly-seed=$(SEED))
 
 # Every statistical test under five more seeds and 1 and 2 torch threads (~N min on 2 cores):
 # a verdict must not depend on the seed or the summation order CI happens to use.
@@ -39,6 +46,13 @@ test-stats: $(STAMP)
 		QGEN_TEST_SEED=$$seed QGEN_TEST_THREADS=$$threads $(PY) -m pytest -q -m statistical \
 			|| exit 1; \
 	done; done
+
+# Mutation testing of the science's core ([tool.mutmut] in pyproject.toml; not part of
+# `make test`, it takes long): the score per module, survivors in docs/mutation.md.
+mutate: $(STAMP)
+	$(PY) -m pip install --quiet "mutmut==3.8.1"
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(PY) benchmarks/mutation_score.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
