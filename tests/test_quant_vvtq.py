@@ -21,7 +21,7 @@ from qgen_ray.quant import (
     vvtq_lambda,
 )
 from qgen_ray.quant.lsq import lsq_init_step
-from qgen_ray.quant.vvtq import bin_regularizer, mse_step
+from qgen_ray.quant.vvtq import MSE_INIT_RTOL, bin_regularizer, mse_step
 
 
 def deit(seed: int = 0) -> nn.Module:
@@ -110,7 +110,11 @@ def test_mse_init_is_a_fixed_point_with_lower_error_than_its_start_and_lsq_init(
 
     s = mse_step(w, Qn, Qp)
     q = torch.round(w * (1.0 / s)).clamp(-Qn, Qp)
-    assert torch.dot(w, q) / torch.dot(q, q) == pytest.approx(s.item(), rel=1e-5)
+    # The search stops once a step moves s by <= MSE_INIT_RTOL; one more step can still
+    # move it a little (a few codes flip at 8 bits): at most 2.9x MSE_INIT_RTOL over 180
+    # (seed, bits) cases, so 10x decides without a near-tie; a wrong update rule is off by
+    # far more (<w, q> / <w, w> misses by ~100%).
+    assert torch.dot(w, q) / torch.dot(q, q) == pytest.approx(s.item(), rel=10 * MSE_INIT_RTOL)
     assert error(s) < error(lsq_init_step(w, Qp))
     assert error(s) < error(w.abs().max() / Qp)  # VVTQ's starting point
 
