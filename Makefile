@@ -36,7 +36,7 @@ SEED ?=
 test-random: $(STAMP)
 	$(PY) -m pytest -p randomly $(if $(SEED),--randomly-seed=$(SEED))
 
-# Every statistical test under five more seeds and 1 and 2 torch threads (~N min on 2 cores):
+# Every statistical test under five more seeds and 1 and 2 torch threads (~30 min on 2 cores):
 # a verdict must not depend on the seed or the summation order CI happens to use.
 STAT_SEEDS ?= 1 2 3 4 5
 STAT_THREADS ?= 1 2

@@ -173,6 +173,25 @@ def crash_after(epoch: int):
     return report
 
 
+def test_finetune_keeps_the_lowest_training_loss_epoch_not_the_last(tmp_path, process_group):
+    """The lr jumps x30 after epoch 1, so the loss climbs (0.98, then 1.16 and 6.5): the
+    kept epoch is 1 of 3, and final.pt holds exactly the weights of a run stopped there."""
+    root = write_imagefolder(tmp_path / "data")
+    opts = dict(data_root=str(root), weights=str(save_weights(tmp_path / "r18.pt")))
+    spec = TrainSpec(**{**SMOKE_SPEC, "epochs": 3, "milestones": (2,), "gamma": 30.0})
+    store = StudyStore(str(tmp_path / "s"))
+    result = finetune(spec, FinetuneOptions(store=store.uri, **opts), torch.device("cpu"))
+    losses = [h["train_loss"] for h in result["history"]]
+    assert result["best_epoch"] == 1 + losses.index(min(losses)) == 1
+    assert min(losses[1:]) > 1.1 * losses[0]
+    stopped = TrainSpec(**{**SMOKE_SPEC, "epochs": 1, "milestones": (2,), "gamma": 30.0})
+    finetune(stopped, FinetuneOptions(store=store.uri, **opts), torch.device("cpu"))
+    epoch1 = store.trial(stopped.model_id).load(schema.LAST_CKPT)["model"]
+    kept = store.trial(spec.model_id).load(schema.FINAL_CKPT)
+    assert kept.keys() == epoch1.keys()
+    assert all(torch.equal(kept[k], epoch1[k]) for k in kept)
+
+
 def test_finetune_checkpoints_each_epoch_and_a_resumed_run_matches_an_uninterrupted_one(
     tmp_path, process_group
 ):
