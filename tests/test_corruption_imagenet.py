@@ -111,12 +111,21 @@ def test_rows_gap_and_labels_through_the_clean_classes(study):
 
 def test_a_rerun_skips_finished_models(study, capsys):
     store = study["store"]
-    table = store.read_table(schema.CORRUPTIONS)
+    kw = dict(corruptions=["gaussian_noise", "brightness"], severities=[1, 5])
+    _corrupt(study, **kw)  # in any test order: the table holds these sets (computed once)
+    original = store.read_table(schema.CORRUPTIONS)
+    try:
+        _check_rerun_skips(study, original.copy(), kw, capsys)
+    finally:  # the other tests of this module see the table as computed
+        store.write_table(schema.CORRUPTIONS, original)
+
+
+def _check_rerun_skips(study, table, kw, capsys):
+    store = study["store"]
     a, b = study["ids"]
     marked = (table["model_id"] == a) & (table["corruption"] == "gaussian_noise")
     table.loc[marked, "loss"] = 123.0  # a recomputation would overwrite this
     store.write_table(schema.CORRUPTIONS, table)
-    kw = dict(corruptions=["gaussian_noise", "brightness"], severities=[1, 5])
     capsys.readouterr()
     _corrupt(study, **kw)
     assert "0 models to evaluate" in capsys.readouterr().out
@@ -128,6 +137,7 @@ def test_a_rerun_skips_finished_models(study, capsys):
     assert "1 models to evaluate" in capsys.readouterr().out
     key = ["model_id", "corruption", "severity"]
     after = store.read_table(schema.CORRUPTIONS).set_index(key).sort_index()
+    after = after[after.index.get_level_values("corruption").isin(kw["corruptions"])]
     assert len(after) == 8 and (after.loc[a].loc["gaussian_noise", "loss"] == 123.0).all()
     before = table.set_index(key).sort_index()
     assert after.loc[b, "loss"].equals(before.loc[b, "loss"])  # recomputed: the same values
@@ -157,10 +167,22 @@ def test_qgen_corrupt_bad_input_is_one_line_before_any_work(
     assert exc.value.code == 2 and "\n" not in err and message in err, err
     if message == "3":  # the missing severity folder is named
         assert f"missing folder {study['c'] / 'gaussian_noise' / '3'}" in err, err
-    assert study["store"].read_table(schema.CORRUPTIONS).equals(before)
+    after = study["store"].read_table(schema.CORRUPTIONS)
+    assert after is None if before is None else after.equals(before)  # nothing written
 
 
 def test_study_script_runs_the_corrupt_and_report_stages(study, capsys):
+    before = study["store"].read_table(schema.CORRUPTIONS)
+    try:
+        _check_study_script_stages(study, capsys)
+    finally:  # the other tests of this module see the table without these rows
+        if before is None:
+            Path(study["store"].path(schema.CORRUPTIONS)).unlink()
+        else:
+            study["store"].write_table(schema.CORRUPTIONS, before)
+
+
+def _check_study_script_stages(study, capsys):
     script = load_script("corruption_imagenet")
     base = ["--smoke", "--storage", str(study["storage"]), "--data-root", str(study["data"])]
     outputs = script.main(
