@@ -3,8 +3,10 @@
     python benchmarks/mutation_score.py [--survivors]
 
 Reads `mutmut results --all true` (one line per mutant, `<module>.<function>__mutmut_<n>:
-<status>`), groups the mutants by module and prints killed / total and the score; a
-mutant that timed out or crashed the test run counts as killed (the tests noticed it).
+<status>`, as mutmut 3.8.1's `results` command prints it), groups the mutants by module
+and prints killed / survived and the score. A mutant that timed out or crashed the test
+run counts as killed (the tests noticed it); one that no selected test reaches ("no
+tests") or that mutmut calls "suspicious" counts as survived (nothing noticed it).
 With --survivors it also lists every surviving mutant's name (see docs/mutation.md for why
 each one is equivalent or which test now kills it).
 """
@@ -21,8 +23,9 @@ from pathlib import Path
 LINE = re.compile(r"^\s*(?P<name>\S+)__mutmut_\d+:\s*(?P<status>.+?)\s*$")
 # mutmut's function part of a name starts with "x_" (function) or "xǁ" (method)
 FUNCTION = re.compile(r"\.(x_|xǁ)")
-KILLED = {"killed", "timeout", "segfault", "suspicious"}
-NOT_RUN = {"not checked", "skipped", "check was interrupted by user", "no tests"}
+KILLED = {"killed", "timeout", "segfault", "caught by type check"}
+SURVIVED = {"survived", "no tests", "suspicious"}
+NOT_RUN = {"not checked", "skipped", "check was interrupted by user"}
 
 
 def module_of(name: str) -> str:
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if not match:
             continue
         module, status = module_of(match["name"]), match["status"]
-        kind = "killed" if status in KILLED else "not run" if status in NOT_RUN else status
+        kind = "killed" if status in KILLED else "survived" if status in SURVIVED else "not run"
         counts[module][kind] += 1
         if kind == "survived":
             survivors.append(line.strip())

@@ -81,6 +81,19 @@ def study(tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture
+def table_restored(study):
+    """Whatever a test does to the module's shared corruptions table, the next test sees it
+    as it was before (tests run in any order)."""
+    store = study["store"]
+    before = store.read_table(schema.CORRUPTIONS)
+    yield
+    if before is None:
+        Path(store.path(schema.CORRUPTIONS)).unlink(missing_ok=True)
+    else:
+        store.write_table(schema.CORRUPTIONS, before)
+
+
 def _corrupt(study, **kw):
     place = Placement(data_root=str(study["data"]), device="cpu")
     return corrupt_study(study["store"], corrupt_root=str(study["c"]), place=place, **kw)
@@ -109,19 +122,11 @@ def test_rows_gap_and_labels_through_the_clean_classes(study):
     assert row.set_index("severity").loc[5, "loss"] == pytest.approx(float(loss), rel=1e-5)
 
 
-def test_a_rerun_skips_finished_models(study, capsys):
+def test_a_rerun_skips_finished_models(study, capsys, table_restored):
     store = study["store"]
     kw = dict(corruptions=["gaussian_noise", "brightness"], severities=[1, 5])
     _corrupt(study, **kw)  # in any test order: the table holds these sets (computed once)
-    original = store.read_table(schema.CORRUPTIONS)
-    try:
-        _check_rerun_skips(study, original.copy(), kw, capsys)
-    finally:  # the other tests of this module see the table as computed
-        store.write_table(schema.CORRUPTIONS, original)
-
-
-def _check_rerun_skips(study, table, kw, capsys):
-    store = study["store"]
+    table = store.read_table(schema.CORRUPTIONS)
     a, b = study["ids"]
     marked = (table["model_id"] == a) & (table["corruption"] == "gaussian_noise")
     table.loc[marked, "loss"] = 123.0  # a recomputation would overwrite this
@@ -171,18 +176,7 @@ def test_qgen_corrupt_bad_input_is_one_line_before_any_work(
     assert after is None if before is None else after.equals(before)  # nothing written
 
 
-def test_study_script_runs_the_corrupt_and_report_stages(study, capsys):
-    before = study["store"].read_table(schema.CORRUPTIONS)
-    try:
-        _check_study_script_stages(study, capsys)
-    finally:  # the other tests of this module see the table without these rows
-        if before is None:
-            Path(study["store"].path(schema.CORRUPTIONS)).unlink()
-        else:
-            study["store"].write_table(schema.CORRUPTIONS, before)
-
-
-def _check_study_script_stages(study, capsys):
+def test_study_script_runs_the_corrupt_and_report_stages(study, capsys, table_restored):
     script = load_script("corruption_imagenet")
     base = ["--smoke", "--storage", str(study["storage"]), "--data-root", str(study["data"])]
     outputs = script.main(

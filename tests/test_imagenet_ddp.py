@@ -9,6 +9,7 @@ dicts of freshly built torchvision / timm models (nothing is downloaded).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -312,6 +313,21 @@ def _samples(trial: Path) -> dict[tuple[int, int], dict]:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` now, by walking /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
 @pytest.fixture(scope="module")
 def killed_then_rerun(tmp_path_factory) -> dict:
     """Run the smoke study (resnet18 LSQ-4, 2 epochs, 2 workers, 24 training images), kill
@@ -347,8 +363,16 @@ def killed_then_rerun(tmp_path_factory) -> dict:
             assert time.time() < deadline, "no checkpoint within the deadline"
             time.sleep(0.05)
     finally:
+        # the whole process tree, Ray's daemons and Train workers included: a worker that
+        # outlived its driver's group once went on to checkpoint epoch 2 after this kill
+        tree = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
+        while any(Path(f"/proc/{pid}").exists() for pid in tree) and time.time() < deadline:
+            time.sleep(0.05)  # SIGKILLed; gone once the kernel has reaped them
     trial = next(study.glob("trials/*"))
     killed = {
         "last_epoch": torch.load(trial / "last.pt", weights_only=True)["epoch"],
