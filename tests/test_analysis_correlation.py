@@ -137,3 +137,54 @@ def test_conditional_levels_leave_unequal_nesting_alone():
     models = pd.DataFrame({"method": ["fp32", "lsq", "lsq", "lsq"], "bits": [32, 8, 4, 2]})
     out, notes = conditional_levels(models, ["method", "bits"])
     assert out.equals(models) and notes == []
+
+
+def test_tau_of_unsigned_and_two_point_inputs():
+    # uint8 differences would wrap around (1 - 2 = 255) unless taken as floats
+    small = np.array([3, 1, 2], dtype=np.uint8)
+    assert kendall_tau(small, np.array([3.0, 1.0, 2.0])) == 1.0
+    assert kendall_tau([3.0, 1.0, 2.0], small) == 1.0
+    assert kendall_tau_b([1, 2], [3, 4]) == 1.0  # two values: defined
+
+
+def test_a_group_with_a_constant_measure_or_no_rows_has_no_tau():
+    # bits 32: the measure is constant (the pairwise tau would say 0): dropped, not a 0
+    df = pd.DataFrame(
+        {
+            "lr": [0.1, 0.01, 0.1, 0.01],
+            "bits": [32, 32, 4, 4],
+            "m": [1.0, 1.0, 1.0, 2.0],
+            "g": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
+    by_axis = granulated_kendall_by_axis(df, "m", "g", ["lr", "bits"])
+    assert (by_axis["lr"].psi, by_axis["lr"].groups, by_axis["lr"].dropped) == (1.0, 1, 1)
+    # a single axis and no row with a measure: no group at all, none dropped
+    empty = granulated_kendall_by_axis(df.assign(m=np.nan), "m", "g", ["lr"])["lr"]
+    assert math.isnan(empty.psi) and (empty.groups, empty.dropped) == (0, 0)
+
+
+def test_a_missing_axis_value_is_a_group_of_its_own():
+    # models without a weight decay value (NaN) still pair with each other over lr
+    df = pd.DataFrame(
+        {
+            "lr": [0.1, 0.01, 0.1, 0.01],
+            "wd": [np.nan, np.nan, 5e-4, 5e-4],
+            "m": [1.0, 2.0, 1.0, 2.0],
+            "g": [0.2, 0.1, 0.1, 0.2],
+        }
+    )
+    by_axis = granulated_kendall_by_axis(df, "m", "g", ["lr", "wd"])
+    assert (by_axis["lr"].psi, by_axis["lr"].groups) == (0.0, 2)  # -1 and +1
+    models = pd.DataFrame({"opt": ["sgd", "sgd", None, None], "lr": [0.1, 0.01, 1e-3, 1e-4]})
+    out, notes = conditional_levels(models, ["opt", "lr"])
+    assert out["lr"].tolist() == [2, 1, 2, 1] and len(notes) == 1
+
+
+def test_conditional_levels_with_two_parents_and_any_axis_order():
+    models = pd.DataFrame(
+        {"lr": [0.1, 0.01, 1e-3, 1e-4], "optimizer": ["sgd", "sgd", "adam", "adam"]}
+    )
+    out, notes = conditional_levels(models, ["lr", "optimizer"])  # lr listed first
+    assert out["lr"].tolist() == [2, 1, 2, 1]
+    assert notes == ["lr depends on optimizer: grouped by its level within optimizer"]

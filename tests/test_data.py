@@ -114,3 +114,47 @@ def test_no_augmentation_path_is_identity():
     data = load_image_data("digits")
     x = data.train_x[:8]
     assert data.augment(x) is x
+
+
+@pytest.mark.parametrize("variant", ["cifar10", "cifar100"])
+def test_each_cifar_variant_reads_its_labels_classes_and_statistics(tmp_path, monkeypatch, variant):
+    """CIFAR-100's pickles hold `fine_labels` and 100 classes; each variant normalizes with
+    its own published channel statistics (pixel/255)."""
+    from torchvision import datasets
+    from torchvision.datasets import cifar as tv_cifar
+
+    from qgen_ray.data import cifar
+    from tests.conftest import write_cifar_fixture
+
+    monkeypatch.setattr(datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+    root = write_cifar_fixture(tmp_path / variant, variant, per_batch=4, seed=3)
+    folder = root / getattr(datasets, variant.upper()).base_folder
+    key = "labels" if variant == "cifar10" else "fine_labels"
+    test_batch = pickle.loads(
+        (folder / "test_batch" if variant == "cifar10" else folder / "test").read_bytes()
+    )
+    data = load_image_data(variant, str(root))
+    assert data.name == variant and data.num_classes == (10 if variant == "cifar10" else 100)
+    assert data.test_y.dtype == torch.int64 and data.test_y.tolist() == test_batch[key]
+    mean, std = {
+        "cifar10": (cifar.CIFAR10_MEAN, cifar.CIFAR10_STD),
+        "cifar100": (cifar.CIFAR100_MEAN, cifar.CIFAR100_STD),
+    }[variant]
+    assert (data.mean, data.std) == (mean, std)
+    loader = {"cifar10": cifar.load_cifar10, "cifar100": cifar.load_cifar100}[variant]
+    again = loader(str(root))
+    assert again.name == variant and torch.equal(again.test_x, data.test_x)
+
+
+def test_cifar_that_fails_torchvisions_checksum_is_one_clear_error(tmp_path):
+    """The fixture's files are not the published ones: torchvision's MD5 check (not
+    bypassed here) refuses them, and the user is told to re-download."""
+    from qgen_ray.data.cifar import load_cifar10
+    from tests.conftest import write_cifar_fixture
+
+    root = write_cifar_fixture(tmp_path / "cifar")
+    with pytest.raises(UserError, match="integrity check.*re-download it with --download"):
+        load_cifar10(str(root))
+    with pytest.raises(UserError, match="add --download to fetch it there"):
+        load_cifar10(None)

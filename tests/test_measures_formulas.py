@@ -67,3 +67,12 @@ def test_weight_norm_row_from_compute_measures():
     assert row["value"] == pytest.approx(13.0)
     assert row["mode"] == "exact" and row["forward_images"] == 0 and row["converged"] is True
     assert math.isnan(row["sigma"]) and math.isnan(row["flatness"])
+
+
+def test_bounds_at_a_radius_where_4_sigma_squared_is_not_1():
+    # the table above has 4σ² = 1, where dividing and multiplying by it agree; at σ = 0.25
+    # 4σ² = 1/4: ||ref||² / (4σ²) = 2 * 4 = 8, log(m/σ) = log 400
+    from qgen_ray.measures.formulas import pacbayes_bound, sharpness_bound
+
+    assert pacbayes_bound(2.0, 0.25, M) == pytest.approx(8 + math.log(400) + 10)
+    assert sharpness_bound(2.0, 0.25, M, 2) == pytest.approx(8 * math.log(4) + math.log(400) + 10)

@@ -103,3 +103,138 @@ def test_common_random_numbers_and_antithetic_directions(models, data):
     assert torch.equal(d[3:], -d[:3]) and search.directions() is d  # drawn once (CRN)
     paper = _pacbayes_search(models[0][0], data, protocol_for("faithful"))
     assert not torch.equal(paper.directions(), paper.directions())  # fresh every step
+
+
+def _written_out_probe(search: FlatnessSearch, radius: float, clean_all) -> tuple[float, str, int]:
+    """`probe`'s sequential rule written out: every per-image drop of the (common-random-
+    number) perturbations up to the cap at once, then the looks 8, 16, 32, ... replayed on
+    them. Returns (drop, verdict, images read)."""
+    from qgen_ray.measures.evaluate import ForwardCounter, correct_predictions
+
+    p, n = search.protocol, search.x.shape[0]
+    flat = search.perturbed_weights(radius)
+    cap = min(n, p.max_images)
+    index = search.order[:cap]
+    correct = correct_predictions(
+        search.model, search.layout, flat, search.x, search.y, ForwardCounter(), index=index
+    ).float()
+    clean = clean_all[index].float()
+    d_all = clean - correct.mean(0)
+    looks = [p.first_chunk]
+    while looks[-1] < cap:
+        looks.append(min(cap, 2 * looks[-1]))
+    for seen in looks:
+        d = d_all[:seen]
+        drop = float(d.mean())
+        if seen == cap:
+            verdict = "in_band" if abs(drop - p.target) <= p.tolerance else (
+                "too_high" if drop > p.target else "too_low")  # fmt: skip
+            return drop, verdict, seen
+        se = max(float(d.std()), p.sd_floor) / seen**0.5 * (1 - seen / n) ** 0.5
+        if abs(drop - p.target) <= p.tolerance and p.z * se <= p.tolerance:
+            return drop, "in_band", seen
+        if drop - p.z * se > p.target:
+            return drop, "too_high", seen
+        if drop + p.z * se < p.target:
+            return drop, "too_low", seen
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("radius", [0.0, 0.04, 0.044, 0.046, 0.048, 0.052, 0.1])
+def test_probe_reads_doubling_looks_and_stops_where_the_rule_says(models, data, radius):
+    """Looks of 8, 16, 32, 64, 128 images (cap 128 of 600): each radius must return the
+    written-out rule's drop and verdict after reading exactly as many images. On this
+    model the radii stop after 8 (too low / too high), 64 (too low) and at the cap (in
+    band / too high)."""
+    from qgen_ray.measures.evaluate import ForwardCounter, correct_predictions
+
+    protocol = protocol_for("fast", samples=6, first_chunk=8, max_images=128, stratify=False,
+                            batched=False, sd_floor=0.05)  # fmt: skip
+    model = models[1][0]
+    search = _pacbayes_search(model, data, protocol)
+    x, y = data
+    clean_all = correct_predictions(
+        search.model, search.layout, search.w[None], x, y, ForwardCounter()
+    )[0]
+    want_drop, want_verdict, want_seen = _written_out_probe(search, radius, clean_all)
+    before = search.counter.images
+    drop, verdict = search.probe(radius)
+    assert (drop, verdict) == (pytest.approx(want_drop, abs=1e-12), want_verdict)
+    # each perturbation reads each image once; the clean model reads each image once
+    assert search.counter.images - before == protocol.samples * want_seen + want_seen
+
+
+class _CurveSearch(FlatnessSearch):
+    """The bisection alone: each probe returns drop(r) from a known curve, no noise."""
+
+    def __init__(self, curve, protocol):
+        self.curve, self.protocol, self.counter = curve, protocol, None
+
+    def probe(self, radius):
+        drop = self.curve(radius)
+        return drop, self._decide(drop, 0.0)
+
+    def run(self):
+        import types
+
+        self.counter = types.SimpleNamespace(images=0)
+        return super().run()
+
+
+def test_faithful_bisection_hand_worked():
+    """drop(r) = r / 2, target 0.1 ± 0.01 in [0, 2]: r = 1 (0.5 high), 0.5 (0.25 high),
+    0.25 (0.125 high), 0.125 (0.0625 low), 0.1875 (0.09375: in band)."""
+    result = _CurveSearch(lambda r: r / 2, protocol_for("faithful")).run()
+    assert [r for r, _ in result.steps] == [1.0, 0.5, 0.25, 0.125, 0.1875]
+    assert result.converged and result.radius == 0.1875 and result.drop == 0.09375
+
+
+def test_faithful_bracket_grows_while_nothing_overshoots():
+    """drop(r) = r / 100: every step falls short until r > 10; the upper end becomes 4 r
+    after each short step, so σ* = 10 is found although the bracket starts at [0, 2]."""
+    result = _CurveSearch(lambda r: r / 100, protocol_for("faithful", iterations=40)).run()
+    assert result.converged and abs(result.drop - 0.1) <= 0.01
+    assert [r for r, _ in result.steps][:3] == [1.0, 2.5, 6.25]  # mids of [0,2],[1,4],[2.5,10]
+
+
+def test_fast_search_lands_on_a_power_law_crossing():
+    """drop(r) = 0.1 (r / 0.05)^2 in log space with the secant: the secant through two
+    measured ends of a power law hits r* = 0.05 exactly; refine reports that crossing."""
+    fast = protocol_for("fast")
+    result = _CurveSearch(lambda r: 0.1 * (r / 0.05) ** 2, fast).run()
+    assert result.converged and result.radius == pytest.approx(0.05, rel=1e-9)
+    first = [r for r, _ in result.steps][:2]
+    assert first[0] == pytest.approx((1e-6 * 2.0) ** 0.5)  # geometric midpoint first
+    assert len(result.steps) < 15
+
+
+def test_faithful_sharpness_ascends_from_each_restart_with_its_own_batches(models, data):
+    """The paper's sharpness step: K random starts, each climbed by the ascent on its own
+    freshly drawn mini-batches (written out here from the primitives and the same stream)."""
+    import math
+
+    from qgen_ray.measures.perturb import ascend
+
+    protocol = protocol_for("faithful", restarts=3, ascent_steps=4, ascent_batch=250)
+    x, y = data
+    folded, layout, w = folded_weights(models[0][0])
+    clean = CleanPredictions(folded, layout, w, x, y, torch.arange(x.shape[0]))
+    family = FAMILIES["sharpness"]
+
+    def search():
+        return FlatnessSearch(family, protocol, folded, layout, w, x, y, clean, 5)
+
+    got = search().perturbed_weights(0.05)
+    ref = search()
+    half_width = family.scale(0.05, w)
+    u = half_width * ref.directions()
+    need = protocol.ascent_steps * protocol.ascent_batch
+    rows = []
+    for j in range(3):
+        perms = [torch.randperm(len(x), generator=ref.gen) for _ in range(math.ceil(need / len(x)))]
+        idx = torch.cat(perms)[:need].reshape(protocol.ascent_steps, protocol.ascent_batch)
+        batches = [(x[i], y[i]) for i in idx]
+        rows.append(ascend(folded, layout, w, u[j : j + 1], half_width, batches,
+                           protocol.ascent_lr, ref.counter))  # fmt: skip
+    assert got.shape == (3, layout.numel)
+    torch.testing.assert_close(got, w + torch.cat(rows), rtol=0, atol=1e-7)

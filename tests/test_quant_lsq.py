@@ -91,6 +91,33 @@ def test_edge_bands_follow_the_lsq_rule(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
+def test_a_weight_exactly_on_a_grid_end_counts_as_clipped(bits):
+    """v = -Qn and v = Qp exactly (exact in binary with s = 1/8): LSQ's rule clips there
+    (w gets no gradient, the step gets -Qn / Qp times g)."""
+    q = LSQWeightQuantizer(bits)
+    q.set_step(0.125)
+    v = torch.tensor([-float(q.Qn), float(q.Qp)])
+    grad_w, _ = _lsq_grads(q, v * 0.125, torch.ones(2))
+    assert torch.equal(grad_w, torch.zeros(2))
+    g = 1 / math.sqrt(2 * q.Qp)
+    for i, expected in enumerate([-q.Qn, q.Qp]):
+        upstream = torch.zeros(2)
+        upstream[i] = 1.0
+        assert _lsq_grads(q, v * 0.125, upstream)[1].item() == pytest.approx(g * expected)
+
+
+def test_a_frozen_step_still_passes_the_weight_gradient():
+    """With the step not trained (requires_grad off) the weights still get the
+    straight-through gradient, and the step none."""
+    q = LSQWeightQuantizer(4)
+    q.set_step(0.125)
+    q.step.requires_grad_(False)
+    w = torch.tensor([0.3, -3.0, 0.01]).requires_grad_(True)
+    q(w).sum().backward()
+    assert torch.equal(w.grad, torch.tensor([1.0, 0.0, 1.0])) and q.step.grad is None
+
+
+@pytest.mark.parametrize("bits", BITS)
 def test_quantized_weights_take_at_most_2_to_the_b_values_on_the_grid(bits):
     w = torch.randn(20000, generator=torch.Generator().manual_seed(bits))
     q = LSQWeightQuantizer(bits)

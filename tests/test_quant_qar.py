@@ -153,3 +153,11 @@ def test_the_penalty_shrinks_the_snap_drop(digits, stat_seed):
 def test_snap_needs_a_qar_model():
     with pytest.raises(UserError, match="'qar'.*'lsq'"):
         snap_to_codebook_(quantize_model(mlp(), 4, "lsq"))
+
+
+def test_init_codebook_hand_worked_quantiles():
+    # 10 sorted values, k = 4: positions (j + 1/2)/4 * 10 = 1.25, 3.75, 6.25, 8.75 -> 1, 3, 6, 8
+    w = torch.tensor([9.0, 0.0, 8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0])
+    assert init_codebook(w, 4).tolist() == [1.0, 3.0, 6.0, 8.0]
+    # as many values as representatives: each value once, the largest included
+    assert init_codebook(torch.tensor([3.0, 1.0, 2.0, 0.0]), 4).tolist() == [0.0, 1.0, 2.0, 3.0]

@@ -191,3 +191,50 @@ def test_vit_state_dict_round_trip(vit):
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     trained.eval(), fresh.eval()
     assert torch.equal(fresh(images(7)), trained(images(7)))
+
+
+def test_bin_regularizer_hand_worked_two_weight_bin_in_float64():
+    """2 bits, s = 1: w = [0.1, 0.3] both take code 0 (offsets d = w): mean d² = 0.05 and
+    the bin's unbiased variance 0.02; a lone weight in a bin adds no variance. float64 in,
+    float64 out."""
+    s = torch.tensor([1.0], dtype=torch.float64)
+    w = torch.tensor([0.1, 0.3], dtype=torch.float64)
+    r = bin_regularizer(w, s, 2, 1)
+    assert r.dtype == torch.float64 and r.item() == pytest.approx(0.07, abs=1e-15)
+    lone = torch.tensor([0.1, 0.3, 0.8], dtype=torch.float64)  # 0.8 -> code 1 (d = -0.2), alone
+    assert bin_regularizer(lone, s, 2, 1).item() == pytest.approx(
+        (0.01 + 0.09 + 0.04) / 3 + 0.02, abs=1e-15
+    )
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_step_stops_where_its_rule_says(bits):
+    """The search written out: s <- <w,q>/<q,q> from max|w|/Qp until a change <= rtol * s.
+    At 8 bits the iteration drifts on, so stopping late (or never) gives another step."""
+    w = torch.randn(20000, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    Qn, Qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    s = w.abs().max() / Qp
+    for _ in range(200):
+        q = torch.round(w * (1.0 / s)).clamp(-Qn, Qp)
+        s_new = torch.dot(w, q) / torch.dot(q, q)
+        settled = abs(float(s_new - s)) <= MSE_INIT_RTOL * float(s)
+        s = s_new
+        if settled:
+            break
+    assert mse_step(w, Qn, Qp).item() == s.item()
+
+
+def test_mse_step_of_all_zero_weights_is_the_floor():
+    from qgen_ray.quant import STEP_EPS
+
+    assert mse_step(torch.zeros(10), 8, 7).item() == pytest.approx(STEP_EPS)
+
+
+def test_lambda_refuses_progress_outside_0_1():
+    for progress in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"progress must be in \[0, 1\]"):
+            vvtq_lambda(progress)
+
+
+def test_fused_qkv_storage_counts_three_steps():
+    assert QKVWeightQuantizer(4).storage_bits(300) == 300 * 4 + 3 * 32

@@ -94,10 +94,6 @@ class LSQWeightQuantizer(WeightQuantizer):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return _LSQFakeQuantize.apply(w, self.step, self.grad_scale(w), self.Qn, self.Qp)
 
-    def codes(self, w: torch.Tensor) -> torch.Tensor:
-        """The integer grid codes of `w` (in -Qn..Qp), as floats, without gradient."""
-        return quantize_codes(w.detach(), self.step.detach(), self.Qn, self.Qp)
-
     def lsq_parts(self, w: torch.Tensor) -> list[tuple[str, nn.Module, torch.Tensor]]:
         return [("", self, w)]
 

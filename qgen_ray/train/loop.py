@@ -137,6 +137,7 @@ def train(
     try:
         for epoch in range(state["epoch"] + 1, spec.epochs + 1):
             t0 = time.time()
+            lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
             order = torch.randperm(n, generator=generator).to(device)
             loss_sum = torch.zeros((), device=device)  # summed on device: no per-step sync
             correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -163,7 +164,7 @@ def train(
                 "epoch": epoch,
                 "train_loss": epoch_loss,
                 "train_acc": int(correct) / n,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr,
                 "seconds": time.time() - t0,
             }
             state["history"].append(row)
