@@ -45,7 +45,7 @@ def test_corruptions_are_the_papers_fifteen_in_order():
 
 
 def test_unknown_corruption_lists_valid_names():
-    with pytest.raises(UserError, match=r"unknown corruption 'speckle'.*gaussian_noise.*jpeg"):
+    with pytest.raises(UserError, match=r"unknown corruption 'speckle'.*gaussian_noise, shot_noise"):
         validate(["fog", "speckle"], [1])
 
 
@@ -62,6 +62,9 @@ def test_corrupt_images_validates_and_checks_dtype():
         corrupt_images(_images(1, 32), "fog", 7, seed=0)
     with pytest.raises(ValueError, match="uint8"):
         corrupt_images(_images(1, 32).astype(np.float32), "fog", 1, seed=0)
+    for shape in [(1, 32, 32, 2), (32, 32, 3)]:  # two channels; no batch axis
+        with pytest.raises(ValueError, match="C in \\(1, 3\\)"):
+            corrupt_images(np.zeros(shape, np.uint8), "fog", 1, seed=0)
 
 
 # ---------------------------------------------------------------- generation
@@ -326,3 +329,36 @@ def test_read_imagenet_c_errors(tmp_path):
         read_imagenet_c(tmp_path, "fog", 3)
     with pytest.raises(UserError, match="outside 1..5"):
         read_imagenet_c(tmp_path, "fog", 0)
+
+
+def test_cache_holds_several_sets_in_one_folder_and_a_failed_write_leaves_nothing(
+    tmp_path, monkeypatch
+):
+    images, labels = _images(2, 32), np.array([0, 1])
+    corrupted_set(tmp_path, images, labels, "toy", "fog", 1)
+    corrupted_set(tmp_path, images, labels, "toy", "fog", 2)  # same folder, second file
+    folder = tmp_path / "toy" / "fog"
+    assert sorted(p.name for p in folder.iterdir()) == ["1.npy", "2.npy"]
+
+    import qgen_ray.data.corruptions as module
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt  # e.g. Ctrl-C between the write and the rename
+
+    monkeypatch.setattr(module.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        corrupted_set(tmp_path, images, labels, "toy", "fog", 3)
+    assert sorted(p.name for p in folder.iterdir()) == ["1.npy", "2.npy"]  # no temp, no 3
+
+
+def test_grayscale_corruption_is_the_first_channel_of_the_rgb_one():
+    """A one-channel image is corrupted as its RGB replica; the first channel is kept."""
+    grey = _images(2, 32, channels=1, seed=5)
+    out = corrupt_images(grey, "gaussian_noise", 2, seed=3)
+    rgb = corrupt_images(np.repeat(grey, 3, axis=-1), "gaussian_noise", 2, seed=3)
+    assert np.array_equal(out, rgb[..., :1])
+
+
+def test_image_and_label_counts_must_agree(tmp_path):
+    with pytest.raises(ValueError, match="3 images but 2 labels"):
+        corrupted_set(tmp_path, _images(3, 32), np.zeros(2), "toy", "fog", 1)

@@ -23,6 +23,14 @@ def test_filter_normalized_direction():
         torch.testing.assert_close(v.flatten(1).norm(dim=1), p.flatten(1).norm(dim=1))
         assert not torch.allclose(v, p)  # random, not the weights themselves
     assert not d["conv.bias"].any() and not d["bn.weight"].any()
+    # a float64 model gets a float64 direction, normalized to float64 precision (up to
+    # FILTER_EPS = 1e-10 in the denominator; float32 would be off by ~1e-7)
+    wide = {k: v.double() for k, v in params.items()}
+    d64 = filter_normalized_direction(wide, torch.Generator().manual_seed(0))
+    assert all(v.dtype == torch.float64 for v in d64.values())
+    for name in ("conv.weight", "fc.weight"):
+        norms = d64[name].flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, wide[name].flatten(1).norm(dim=1), rtol=1e-9, atol=0)
 
 
 @pytest.mark.statistical

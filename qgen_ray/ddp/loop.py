@@ -24,11 +24,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import torch
 import torch.distributed as dist
@@ -39,18 +37,14 @@ from torch.nn.parallel import DistributedDataParallel
 from qgen_ray import schema
 from qgen_ray.ddp.imagefolder import check_imagefolder, image_folder, loader_workers, make_loader
 from qgen_ray.errors import UserError
-from qgen_ray.provenance import provenance
-from qgen_ray.spec import TrainSpec, row_header
+from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore, TrialStore
 from qgen_ray.train.build import build_model
-from qgen_ray.train.loop import Diverged, _cpu_state, make_optimizer, make_scheduler
+from qgen_ray.train.epochs import EpochRecord, kept_metrics
+from qgen_ray.train.loop import Diverged, make_optimizer, make_scheduler
 
 SAMPLES_DIR = "samples"  # trials/<model_id>/samples/epochNNNN-rankR.json (log_samples)
 EVAL_BATCH_FACTOR = 2  # evaluation batch = this x the per-rank training batch (memory only)
-METRICS = ("train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "gap_acc")
-# The epoch record kept in last.pt (as in qgen_ray.train.loop): epochs done, the kept
-# (lowest training loss) epoch and its weights, and the per-epoch history rows.
-FRESH_STATE = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best": None, "history": []}
 
 
 @dataclass(frozen=True)
@@ -120,12 +114,15 @@ def train_epoch(
     epoch: int,
     epochs: int,
     keep_indices: bool = False,
+    terms=None,
 ) -> dict:
     """One pass over this rank's shard. Returns the epoch's loss, accuracy and image count
     summed over all ranks (mean loss = loss_sum / images), the seconds it took, and (with
-    `keep_indices`) the dataset indices this rank trained on."""
-    from qgen_ray.quant import clamp_steps_, quant_regularizer
+    `keep_indices`) the dataset indices this rank trained on. `terms`: the model's
+    `QuantTerms` (built here when not given)."""
+    from qgen_ray.quant import QuantTerms
 
+    terms = terms or QuantTerms(model)
     model.train()
     t0 = time.time()
     steps = len(loader)
@@ -139,9 +136,9 @@ def train_epoch(
             logits = model(x)
             loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        (loss + quant_regularizer(model, progress)).backward()
+        (loss + terms.regularizer(progress)).backward()
         optimizer.step()
-        clamp_steps_(model)
+        terms.clamp_steps_()
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.argmax(1) == y).sum()
         count += len(y)
@@ -198,14 +195,14 @@ def init_weights_label(options: FinetuneOptions) -> str:
 
 @dataclass
 class _Run:
-    """The training state of one rank: model, optimizer, schedule and the epoch record
-    (`state` is what `last.pt` keeps besides the three state dicts)."""
+    """The training state of one rank: model, optimizer, schedule, the epoch record and
+    the model's quantization terms."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    state: dict
-    resumed_from: int = 0  # epoch of the last.pt this process started from (0: fresh)
+    record: EpochRecord
+    terms: object
 
 
 def _start(
@@ -213,6 +210,8 @@ def _start(
 ) -> _Run:
     """The model from pretrained weights, quantized; or the state of `last.pt` when the
     run was interrupted (then the weights file is not read again)."""
+    from qgen_ray.quant import QuantTerms
+
     resume = trial.has(schema.LAST_CKPT)
     torch.manual_seed(spec.seed)
     model = build_model(
@@ -226,29 +225,11 @@ def _start(
     if fast_path(device):
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(spec, model)
-    run = _Run(model, optimizer, make_scheduler(spec, optimizer), dict(FRESH_STATE, history=[]))
-    if resume:
-        ckpt = trial.load(schema.LAST_CKPT, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        run.scheduler.load_state_dict(ckpt["scheduler"])
-        run.state = {k: ckpt[k] for k in FRESH_STATE}
-        run.resumed_from = run.state["epoch"]
-    elif world()[0] == 0:
-        trial.save(schema.INIT_CKPT, _cpu_state(model))
-    return run
-
-
-def _save_last(trial: TrialStore, run: _Run) -> None:
-    trial.save(
-        schema.LAST_CKPT,
-        {
-            **run.state,
-            "model": _cpu_state(run.model),
-            "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(),
-        },
+    scheduler = make_scheduler(spec, optimizer)
+    record, _ = EpochRecord.start(
+        trial, model, optimizer, scheduler, write_init=world()[0] == 0, map_location=device
     )
+    return _Run(model, optimizer, scheduler, record, QuantTerms(model))
 
 
 def _log_samples(trial: TrialStore, epoch: int, indices: list[int]) -> None:
@@ -297,16 +278,18 @@ def finetune(
         )
     loader = make_loader(train_set, per_rank, train=True, seed=spec.seed, **loader_args)
 
-    state, status, reason = run.state, schema.STATUS_OK, ""
+    record, status, reason = run.record, schema.STATUS_OK, ""
     try:
-        for epoch in range(state["epoch"] + 1, spec.epochs + 1):
+        for epoch in range(record.epoch + 1, spec.epochs + 1):
             seed = epoch_seed(spec.seed, epoch, rank)
             torch.manual_seed(seed)  # transforms in this process (no loader workers)
             loader.generator.manual_seed(seed)  # seeds of loader worker processes
             loader.sampler.set_epoch(epoch)
             lr = run.optimizer.param_groups[0]["lr"]
             keep = options.log_samples
-            stats = train_epoch(ddp_model, loader, run.optimizer, device, epoch, spec.epochs, keep)
+            stats = train_epoch(
+                ddp_model, loader, run.optimizer, device, epoch, spec.epochs, keep, run.terms
+            )
             run.scheduler.step()
             if not math.isfinite(stats["loss_sum"]):
                 raise Diverged(f"non-finite training loss in epoch {epoch}")
@@ -318,102 +301,67 @@ def finetune(
                 "seconds": stats["seconds"],
                 "images_per_s": stats["images"] / stats["seconds"],
             }
-            state["history"].append(row)
-            if row["train_loss"] < state["best_loss"]:
-                best = _cpu_state(run.model)
-                state.update(best_loss=row["train_loss"], best_epoch=epoch, best=best)
-            state["epoch"] = epoch
+            record.observe(row, run.model)
             if options.log_samples:
                 _log_samples(trial, epoch, stats["indices"])
-            if rank == 0 and (epoch % options.checkpoint_every == 0 or epoch == spec.epochs):
-                _save_last(trial, run)
+            if rank == 0 and record.checkpoint_due(options.checkpoint_every, spec.epochs):
+                record.save_last(trial, run.model, run.optimizer, run.scheduler)
             if report is not None:
-                report({**row, "best_epoch": state["best_epoch"]})
+                report({**row, "best_epoch": record.best_epoch})
     except Diverged as err:
         status, reason = schema.STATUS_DIVERGED, str(err)
 
-    metrics = dict.fromkeys(METRICS, math.nan)
-    if state["best"] is not None:
-        run.model.load_state_dict(state["best"])
-        metrics.update(
-            _measure(
-                run.model,
-                options.data_root,
-                spec.image_size,
-                per_rank * EVAL_BATCH_FACTOR,
-                loader_args,
-                device,
-            )
+    metrics = {}
+    if record.load_kept(run.model):
+        metrics = _kept_model_metrics(
+            run.model,
+            options.data_root,
+            spec.image_size,
+            per_rank * EVAL_BATCH_FACTOR,
+            loader_args,
+            device,
         )
     if rank != 0:
         return None
+    from qgen_ray.quant import step_sizes
+
+    history = record.history
     result = {
-        **_row(spec, options, run, status, reason, metrics, device),
-        "num_train": len(train_set),
-        "num_classes": len(classes),
-        "workers": world_size,
-        "seconds": time.time() - start,
-    }
-    if state["best"] is not None:
-        result["final_ckpt"] = trial.save(schema.FINAL_CKPT, state["best"])
-    result["init_ckpt"] = trial.rel(schema.INIT_CKPT)
-    trial.write_result(result)
-    return result
-
-
-def _row(
-    spec: TrainSpec,
-    options,
-    run: _Run,
-    status: str,
-    reason: str,
-    metrics: dict,
-    device: torch.device,
-) -> dict:
-    """The trials.parquet row (schema.TRIALS_COLUMNS and extras) with history and steps."""
-    from qgen_ray.quant import step_sizes, unwrap
-
-    state = run.state
-    history = state["history"]
-    steps = step_sizes(run.model) if state["best"] is not None else []
-    return {
-        **row_header(spec, status, reason),
+        **record.row(spec, status, reason, run.model, device),
         **metrics,
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-        "num_params": sum(p.numel() for p in unwrap(run.model).parameters()),
         "in_channels": 3,
         "image_size": spec.image_size,
         "images_per_s": _mean([h["images_per_s"] for h in history[1:] or history]),
         "init_weights": init_weights_label(options),
-        "resumed_from": run.resumed_from,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "history": [{"model_id": spec.model_id, **h} for h in history],
-        "steps": [{"model_id": spec.model_id, **s} for s in steps],
-        "spec": spec.to_dict(),
-        **provenance(),
+        "resumed_from": record.resumed_from,
+        "num_train": len(train_set),
+        "num_classes": len(classes),
+        "workers": world_size,
         **options.extra,
     }
+    if record.best is not None:
+        result["steps"] = [{"model_id": spec.model_id, **s} for s in step_sizes(run.model)]
+        result["final_ckpt"] = trial.save(schema.FINAL_CKPT, record.best)
+    result["init_ckpt"] = trial.rel(schema.INIT_CKPT)
+    result["seconds"] = time.time() - start
+    trial.write_result(result)
+    return result
 
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _measure(
+def _kept_model_metrics(
     model: nn.Module, root: str, image_size: int, batch: int, loader_args: dict, device
 ) -> dict:
     """Train/val loss and accuracy of the kept model (eval transform), and both gaps."""
-    out = {}
-    for split, name in (("train", "train"), ("val", "test")):
+    splits = []
+    for split in ("train", "val"):
         data = image_folder(root, split, image_size, augment=False)
         loader = make_loader(data, batch, train=False, seed=0, **loader_args)
-        out[f"{name}_loss"], out[f"{name}_acc"] = evaluate_loader(model, loader, device)
-    out["gap_loss"] = out["test_loss"] - out["train_loss"]
-    out["gap_acc"] = out["train_acc"] - out["test_acc"]
-    return out
+        splits.append(evaluate_loader(model, loader, device))
+    return kept_metrics(*splits)
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from qgen_ray.quant.layers import QConv2d, QLinear, QuantizedLayer, quantized_la
 from qgen_ray.quant.lsq import LSQWeightQuantizer
 from qgen_ray.quant.methods import METHODS, QuantMethod
 from qgen_ray.quant.model import (
+    QuantTerms,
     clamp_steps_,
     compression_ratio,
     effective_weights,
@@ -48,6 +49,7 @@ __all__ = [
     "QLinear",
     "QuantMethod",
     "QuantPolicy",
+    "QuantTerms",
     "QuantizedLayer",
     "WeightQuantizer",
     "clamp_steps_",

@@ -151,23 +151,43 @@ def materialize(model: nn.Module) -> nn.Module:
     return clone
 
 
+class QuantTerms:
+    """A model's quantization work per training step, gathered once: the layers whose
+    quantizers add a loss term, the method's weight schedule and every quantizer to clamp.
+    `train` builds one per model instead of walking the modules at every step."""
+
+    def __init__(self, model: nn.Module):
+        inner = unwrap(model)
+        self.method = METHODS.get(quant_record(inner)["method"])
+        self.layers = [m for _, m in quantized_layers(inner)]
+        self.quantizers = _quantizers(inner)
+        first = next(inner.parameters(), None)
+        self.device = first.device if first is not None else None
+
+    def regularizer(self, progress: float, weight: float | None = None) -> torch.Tensor:
+        """The method's loss term at `progress` (fraction of training done, in [0, 1]):
+        vvtq: vvtq_lambda(progress) * sum of bin regularizers; qar: QAR_LAMBDA * sum of
+        clustering penalties; lsq / fp32: a zero tensor. `weight` overrides the lambda."""
+        if not 0.0 <= progress <= 1.0:
+            raise ValueError(f"progress must be in [0, 1], got {progress}")
+        lam = self.method.penalty_weight(progress) if weight is None else weight
+        zero = torch.zeros((), device=self.device)
+        if self.method.penalty is None or lam == 0.0 or not self.layers:
+            return zero
+        terms = [self.method.penalty(m.weight_quantizer, m.weight) for m in self.layers]
+        return lam * torch.stack(terms).sum()
+
+    def clamp_steps_(self) -> None:
+        """Keep every LSQ step >= STEP_EPS; call after each optimizer step."""
+        for quantizer in self.quantizers:
+            quantizer.clamp_()
+
+
 def quant_regularizer(
     model: nn.Module, progress: float, weight: float | None = None
 ) -> torch.Tensor:
-    """The method's loss term at `progress` (fraction of training done, in [0, 1]):
-    vvtq: vvtq_lambda(progress) * sum of bin regularizers; qar: QAR_LAMBDA * sum of
-    clustering penalties; lsq / fp32: a zero tensor. `weight` overrides the lambda."""
-    if not 0.0 <= progress <= 1.0:
-        raise ValueError(f"progress must be in [0, 1], got {progress}")
-    inner = unwrap(model)
-    method = METHODS.get(quant_record(inner)["method"])
-    lam = method.penalty_weight(progress) if weight is None else weight
-    first = next(inner.parameters(), None)
-    zero = torch.zeros((), device=first.device if first is not None else None)
-    if method.penalty is None or lam == 0.0:
-        return zero
-    terms = [method.penalty(m.weight_quantizer, m.weight) for _, m in quantized_layers(inner)]
-    return lam * torch.stack(terms).sum() if terms else zero
+    """`QuantTerms(model).regularizer(progress, weight)`, for one-off calls."""
+    return QuantTerms(model).regularizer(progress, weight)
 
 
 def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -177,9 +197,8 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def clamp_steps_(model: nn.Module) -> None:
-    """Keep every LSQ step >= STEP_EPS; call after each optimizer step."""
-    for quantizer in _quantizers(model):
-        quantizer.clamp_()
+    """`QuantTerms(model).clamp_steps_()`, for one-off calls."""
+    QuantTerms(model).clamp_steps_()
 
 
 def compression_ratio(model: nn.Module) -> float:

@@ -16,10 +16,8 @@ With a `TrialStore`, the weights at initialization (`init.pt`) and the kept weig
 from __future__ import annotations
 
 import math
-import platform
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +26,11 @@ from torch import nn
 from qgen_ray import schema
 from qgen_ray.data.base import ImageData
 from qgen_ray.errors import UserError
-from qgen_ray.provenance import provenance
-from qgen_ray.spec import RunOptions, TrainSpec, row_header
+from qgen_ray.quant import QuantTerms, step_sizes
+from qgen_ray.spec import RunOptions, TrainSpec
 from qgen_ray.store import TrialStore
 from qgen_ray.train.build import build_model
+from qgen_ray.train.epochs import EpochRecord, cpu_state, kept_metrics
 from qgen_ray.train.evaluate import evaluate
 
 
@@ -94,10 +93,6 @@ def make_scheduler(
     )
 
 
-def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
 def train(
     spec: TrainSpec,
     data: ImageData,
@@ -109,8 +104,6 @@ def train(
 
     `report(metrics)` is called once per epoch (the Ray adapter passes `tune.report`).
     """
-    from qgen_ray.quant import clamp_steps_, quant_regularizer, step_sizes
-
     start = time.time()
     device = resolve_device(options.device)
     torch.manual_seed(spec.seed)
@@ -118,24 +111,17 @@ def train(
     optimizer = make_optimizer(spec, model)
     scheduler = make_scheduler(spec, optimizer)
     generator = torch.Generator().manual_seed(spec.seed)
-    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "best": None, "history": []}
-
-    if store is not None and store.has(schema.LAST_CKPT):
-        ckpt = store.load(schema.LAST_CKPT)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        generator.set_state(ckpt["generator"])
-        state = {k: ckpt[k] for k in state}
-    elif store is not None:
-        store.save(schema.INIT_CKPT, _cpu_state(model))
+    record, extra = EpochRecord.start(store, model, optimizer, scheduler)
+    if "generator" in extra:
+        generator.set_state(extra["generator"])
+    terms = QuantTerms(model)
 
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     n, steps_per_epoch = len(train_x), math.ceil(len(train_x) / spec.batch_size)
     status, reason = schema.STATUS_OK, ""
     model.train()
     try:
-        for epoch in range(state["epoch"] + 1, spec.epochs + 1):
+        for epoch in range(record.epoch + 1, spec.epochs + 1):
             t0 = time.time()
             lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trains at
             order = torch.randperm(n, generator=generator).to(device)
@@ -151,77 +137,51 @@ def train(
                 progress = ((epoch - 1) * steps_per_epoch + step) / (spec.epochs * steps_per_epoch)
                 loss = F.cross_entropy(logits, train_y[idx])
                 optimizer.zero_grad(set_to_none=True)
-                (loss + quant_regularizer(model, progress)).backward()
+                (loss + terms.regularizer(progress)).backward()
                 optimizer.step()
-                clamp_steps_(model)
+                terms.clamp_steps_()
                 loss_sum += loss.detach() * len(idx)
                 correct += (logits.argmax(1) == train_y[idx]).sum()
             scheduler.step()
             if not torch.isfinite(loss_sum):  # checked once per epoch (one device sync)
                 raise Diverged(f"non-finite training loss in epoch {epoch}")
-            epoch_loss = float(loss_sum) / n
             row = {
                 "epoch": epoch,
-                "train_loss": epoch_loss,
+                "train_loss": float(loss_sum) / n,
                 "train_acc": int(correct) / n,
                 "lr": lr,
                 "seconds": time.time() - t0,
             }
-            state["history"].append(row)
-            if epoch_loss < state["best_loss"]:
-                state.update(best_loss=epoch_loss, best_epoch=epoch, best=_cpu_state(model))
-            state["epoch"] = epoch
-            if store is not None and (
-                epoch % options.checkpoint_every == 0 or epoch == spec.epochs
-            ):
-                store.save(
-                    schema.LAST_CKPT,
-                    {
-                        **state,
-                        "model": _cpu_state(model),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "generator": generator.get_state(),
-                    },
+            record.observe(row, model)
+            if store is not None and record.checkpoint_due(options.checkpoint_every, spec.epochs):
+                record.save_last(
+                    store, model, optimizer, scheduler, generator=generator.get_state()
                 )
             if report is not None:
-                report({**row, "best_epoch": state["best_epoch"]})
+                report({**row, "best_epoch": record.best_epoch})
     except Diverged as err:
         status, reason = schema.STATUS_DIVERGED, str(err)
 
+    kept_columns = {}
+    if record.load_kept(model):
+        if spec.method == "qar":  # deploy the codebook: snap, and say what it cost
+            kept_columns.update(_snap(model, data, device))
+            record.best = cpu_state(model)
+        kept_columns.update(_kept_model_metrics(model, data))
+        kept_columns["steps"] = [{"model_id": spec.model_id, **s} for s in step_sizes(model)]
+        if store is not None:
+            kept_columns["final_ckpt"] = store.save(schema.FINAL_CKPT, record.best)
     result = {
-        **row_header(spec, status, reason),
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
+        **record.row(spec, status, reason, model, device),
         "num_train": n,
-        "num_params": sum(p.numel() for p in model.parameters()),
         "num_classes": data.num_classes,
         "in_channels": data.in_channels,
         "image_size": data.image_size,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "history": [{"model_id": spec.model_id, **h} for h in state["history"]],
-        "steps": [],
-        "spec": spec.to_dict(),
-        **provenance(),
+        **kept_columns,
     }
-    metrics = dict.fromkeys(
-        ["train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "gap_acc"], math.nan
-    )
-    if state["best"] is not None:
-        model.load_state_dict(state["best"])
-        if spec.method == "qar":  # deploy the codebook: snap, and say what it cost
-            result.update(_snap(model, data, device))
-            state["best"] = _cpu_state(model)
-        metrics.update(_measure(model, data, device))
-        result["steps"] = [{"model_id": spec.model_id, **s} for s in step_sizes(model)]
-        if store is not None:
-            result["final_ckpt"] = store.save(schema.FINAL_CKPT, state["best"])
     if store is not None:
         result["init_ckpt"] = store.rel(schema.INIT_CKPT)
-    result.update(metrics)
     result["seconds"] = time.time() - start
-    result["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result["host"] = platform.node()
     return result
 
 
@@ -238,18 +198,12 @@ def _snap(model: nn.Module, data: ImageData, device: torch.device) -> dict:
     }
 
 
-def _measure(model: nn.Module, data: ImageData, device: torch.device) -> dict:
+def _kept_model_metrics(model: nn.Module, data: ImageData) -> dict:
     """Train/test loss and accuracy of the kept model, and both generalization gaps."""
-    train_loss, train_acc = evaluate(model, data.train_x, data.train_y, data.normalize)
-    test_loss, test_acc = evaluate(model, data.test_x, data.test_y, data.normalize)
-    return {
-        "train_loss": train_loss,
-        "train_acc": train_acc,
-        "test_loss": test_loss,
-        "test_acc": test_acc,
-        "gap_loss": test_loss - train_loss,
-        "gap_acc": train_acc - test_acc,
-    }
+    return kept_metrics(
+        evaluate(model, data.train_x, data.train_y, data.normalize),
+        evaluate(model, data.test_x, data.test_y, data.normalize),
+    )
 
 
 __all__ = ["Diverged", "make_optimizer", "make_scheduler", "resolve_device", "train"]
