@@ -1,7 +1,7 @@
 """DDP fine-tuning throughput: images/s per worker, and scaling from 1 to N workers.
 
 Runs the engine's real path (Ray Tune trial -> Ray Train TorchTrainer -> DDP ranks running
-`qgen_ray.ddp.loop.finetune`) on a synthetic ImageFolder of JPEGs, once per worker count,
+`qgen_ray.train.finetune.finetune`) on a synthetic ImageFolder of JPEGs, once per worker count,
 with a fixed per-worker batch (weak scaling) and fixed resources per worker. Throughput is
 what the ranks measure per epoch (JPEG decode + augmentation + forward/backward + gradient
 all-reduce), without Ray's start-up, from the second epoch on (the first warms up).
@@ -26,12 +26,12 @@ import ray
 import torch
 from PIL import Image
 
-from qgen_ray.ddp.loop import FinetuneOptions
-from qgen_ray.ddp.runner import DDPResources, run_finetune
 from qgen_ray.models import create_model
+from qgen_ray.ray.ddp import DDPResources, run_finetune
+from qgen_ray.ray.session import init_ray
 from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore
-from qgen_ray.tune_runner import init_ray
+from qgen_ray.train.finetune import FinetuneOptions
 
 CLASSES = 4
 SOURCE_SIZE = 80  # side of the synthetic JPEGs (RandomResizedCrop scales them down)

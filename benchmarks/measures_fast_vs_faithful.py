@@ -38,10 +38,10 @@ import torch
 from scipy.stats import kendalltau
 
 from qgen_ray.errors import exit_on_user_error
-from qgen_ray.jobs import measure_inputs
 from qgen_ray.measures import compute_measures
 from qgen_ray.measures.perturb import FAMILIES
-from qgen_ray.stages import ok_trials, study_data
+from qgen_ray.pipeline.followups import ok_trials, study_data
+from qgen_ray.pipeline.jobs import measure_inputs
 from qgen_ray.store import StudyStore
 
 MODES = ("faithful", "fast")

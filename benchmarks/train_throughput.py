@@ -86,8 +86,9 @@ def plain_epoch_seconds(spec: TrainSpec, data: ImageData, epochs: int, workers: 
 def tune_overhead(trials: int) -> tuple[float, float]:
     """(wall seconds of N one-epoch digits trials under Tune, same trials run directly)."""
     from qgen_ray.data import load_image_data
+    from qgen_ray.ray.session import init_ray
+    from qgen_ray.ray.tune_study import run_training
     from qgen_ray.store import StudyStore
-    from qgen_ray.tune_runner import init_ray, run_training
 
     data = load_image_data("digits")
     specs = [

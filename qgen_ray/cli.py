@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def status(store) -> str:
-    from qgen_ray.collect import progress_counts
+    from qgen_ray.pipeline.collect import progress_counts
 
     if not store.exists(schema.STUDY_JSON) and not store.trial_ids():
         raise UserError(f"no study in {store.uri}: run a study script first")
@@ -98,7 +98,7 @@ def status(store) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from qgen_ray.stages import (
+    from qgen_ray.pipeline.followups import (
         corrupt_study,
         landscape_study,
         measure_study,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     if args.command == "cluster-check":
-        from qgen_ray.cluster import cluster_check
+        from qgen_ray.ray.cluster_config import cluster_check
 
         print(cluster_check(args.config))
         return
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "status":
         print(status(store))
     elif args.command == "collect":
-        from qgen_ray.collect import collect
+        from qgen_ray.pipeline.collect import collect
 
         if not store.trial_ids():
             raise UserError(f"no trials in {args.study_dir}: run the study first")

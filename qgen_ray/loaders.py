@@ -31,7 +31,7 @@ def load_trials(study_dir: str) -> pd.DataFrame:
     store = open_study(study_dir)
     table = store.read_table(schema.TRIALS)
     if table is None:
-        from qgen_ray.collect import collect
+        from qgen_ray.pipeline.collect import collect
 
         table = collect(store)
     return table

@@ -24,7 +24,7 @@ LATE_FIELD_DEFAULTS = {"lr_schedule": "multistep", "image_size": None}
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """One model under one training protocol (METHOD.md §2). Every field is science."""
+    """One model under one training protocol (docs/method.md §2). Every field is science."""
 
     dataset: str  # data registry name ("digits", "cifar10", "cifar100", "imagenet")
     model: str  # model registry name ("nin", "resnet18_cifar", ...)

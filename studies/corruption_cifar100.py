@@ -1,4 +1,4 @@
-"""The paper's distortion study on CIFAR-100 (QGen §4.3, Appendix C; METHOD.md §6).
+"""The paper's distortion study on CIFAR-100 (QGen §4.3, Appendix C; docs/method.md §6).
 
 ResNet-18, MobileNet-V1 and VGG-19 at FP32 / int8 / int4 / int2, then every model on the
 15 corruptions x 5 severities: gap = corrupted test loss - clean training loss (Tables
@@ -8,8 +8,8 @@ it out to generate the corruptions on the fly (seeded, cached in the study folde
     python studies/corruption_cifar100.py --data-root DIR [--corrupt-root CIFAR-100-C]
 """
 
-from qgen_ray.study import Study
-from qgen_ray.study_cli import main
+from qgen_ray.pipeline.study import Study
+from qgen_ray.pipeline.study_cli import main
 
 STUDY = Study(
     name="corruption_cifar100",

@@ -1,4 +1,4 @@
-"""The paper's distortion study on ImageNet (QGen §4.3, Appendix C; METHOD.md §6).
+"""The paper's distortion study on ImageNet (QGen §4.3, Appendix C; docs/method.md §6).
 
 ResNet-18, MobileNetV2 and ResNet-50 fine-tuned at FP32 / int8 / int4 / int2 exactly as in
 studies/imagenet_finetune.py (same protocol, so the same model ids), then every model on
@@ -15,8 +15,8 @@ retraining: `qgen corrupt results/imagenet_finetune --data-root ... --corrupt-ro
         --weights resnet18=r18.pt            # resnet18 FP32 + int2, 2 epochs at 32 px
 """
 
-from qgen_ray.ddp.cli import main as finetune_main
-from qgen_ray.study import imagenet_cnns
+from qgen_ray.imagenet.cli import main as finetune_main
+from qgen_ray.pipeline.study import imagenet_cnns
 
 STUDY = imagenet_cnns(
     "corruption_imagenet",

@@ -1,14 +1,14 @@
 """The offline demo: NiN on scikit-learn's digits, FP32 / int8 / int4 / int2, end to end.
 
-A laptop-sized version of the paper's NiN population study (METHOD.md §2): a small grid
+A laptop-sized version of the paper's NiN population study (docs/method.md §2): a small grid
 over optimizer and learning rate at four precisions (16 models), then the sharpness /
 PAC-Bayes measures, a few corruptions, and the report. No download, minutes on 2 cores.
 
     python studies/demo.py [--storage DIR] [--smoke] [--address ADDR] ...
 """
 
-from qgen_ray.study import Study
-from qgen_ray.study_cli import main
+from qgen_ray.pipeline.study import Study
+from qgen_ray.pipeline.study_cli import main
 
 STUDY = Study(
     name="demo",

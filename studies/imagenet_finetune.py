@@ -1,4 +1,4 @@
-"""ImageNet fine-tuning at FP32 / int8 / int4 / int2 (METHOD.md §7, QGen Appendix B.1, C.1).
+"""ImageNet fine-tuning at FP32 / int8 / int4 / int2 (docs/method.md §7, QGen Appendix B.1, C.1).
 
 CNNs (ResNet-18, ResNet-50, MobileNetV2) start from torchvision's pretrained weights and
 train with LSQ (first and last layer at 8 bits): SGD lr 0.01, momentum 0.9, weight decay
@@ -14,8 +14,8 @@ models x precisions drives them, several at once when the cluster holds them.
         --data-root tiny/ --weights resnet18=r18.pt      # 2 epochs at 32 px, one precision
 """
 
-from qgen_ray.ddp.cli import main as finetune_main
-from qgen_ray.study import IMAGENET_SMOKE_PROTOCOL, Study, imagenet_cnns
+from qgen_ray.imagenet.cli import main as finetune_main
+from qgen_ray.pipeline.study import IMAGENET_SMOKE_PROTOCOL, Study, imagenet_cnns
 
 CNNS = imagenet_cnns(
     "imagenet_finetune",

@@ -1,4 +1,4 @@
-"""The seed-002 quantization-aware regularizer on CIFAR-10 (AlexNet, VGG-16; METHOD §1).
+"""The seed-002 quantization-aware regularizer on CIFAR-10 (AlexNet, VGG-16; docs/method.md §1).
 
 Each model trains in full precision with the clustering penalty pulling weights toward
 2^b learnable representatives per layer, then every weight is snapped to its nearest
@@ -8,8 +8,8 @@ representative; trials.parquet gains `test_acc_before_snap`, `snap_acc_drop` and
     python studies/qar_cifar10.py --data-root DIR [--gpus-per-trial 0.5]
 """
 
-from qgen_ray.study import Study
-from qgen_ray.study_cli import main
+from qgen_ray.pipeline.study import Study
+from qgen_ray.pipeline.study_cli import main
 
 STUDY = Study(
     name="qar_cifar10",

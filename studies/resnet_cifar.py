@@ -1,12 +1,12 @@
-"""CIFAR ResNet-18 / ResNet-50 (base width 16) at FP32 / int8 / int4 / int2 (METHOD.md §2).
+"""CIFAR ResNet-18 / ResNet-50 (base width 16) at FP32 / int8 / int4 / int2 (docs/method.md §2).
 
 Protocol: SGD lr 0.1, momentum 0.9, batch 128, 200 epochs, lr x0.1 at 80 and 160.
 
     python studies/resnet_cifar.py --data-root DIR [--gpus-per-trial 0.5]
 """
 
-from qgen_ray.study import Study
-from qgen_ray.study_cli import main
+from qgen_ray.pipeline.study import Study
+from qgen_ray.pipeline.study_cli import main
 
 STUDY = Study(
     name="resnet_cifar",

@@ -13,7 +13,7 @@ from qgen_ray import schema
 from qgen_ray.analysis import build_tables, precision_label
 from qgen_ray.analysis.orientation import measure_frame, oriented
 from qgen_ray.analysis.precision import precision_order
-from qgen_ray.analysis.study import infer_axes, load_study
+from qgen_ray.analysis.study_tables import infer_axes, load_study
 from qgen_ray.errors import UserError
 
 # Four ok models (lr x bits), a failed and a diverged one that must not count anywhere.

@@ -23,20 +23,18 @@ import torch
 import yaml
 
 from qgen_ray import cli, schema
-from qgen_ray.cluster import (
-    LocalHead,
+from qgen_ray.ray.cluster_config import (
     check_cluster_config,
     find_credentials,
     load_cluster_config,
     placeholders,
     ray_schema_problems,
-    scan_repo,
     security_problems,
-    uncommented_keys,
 )
+from qgen_ray.ray.session import DASHBOARD_HOST_ENV, ray_init_kwargs
 from qgen_ray.store import StudyStore
-from qgen_ray.tune_runner import DASHBOARD_HOST_ENV, ray_init_kwargs
-from tests.conftest import REPO
+from tests.support.cluster import LocalHead, scan_repo, uncommented_keys
+from tests.support.fixtures import REPO
 
 CLUSTER_YAML = REPO / "cluster.yaml"
 # GPUs per instance of the AWS types cluster.yaml may name (AWS's published figures).

@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from qgen_ray import cli, schema
-from qgen_ray.collect import collect
 from qgen_ray.data.corruptions import corrupt_images
-from qgen_ray.ddp.imagefolder import eval_transform
-from qgen_ray.ddp.loop import FinetuneOptions, finetune
+from qgen_ray.imagenet.imagefolder import eval_transform
 from qgen_ray.loaders import load_model
-from qgen_ray.stages import Placement, corrupt_study
+from qgen_ray.pipeline.collect import collect
+from qgen_ray.pipeline.followups import Placement, corrupt_study
 from qgen_ray.store import StudyStore
-from tests.conftest import load_script
-from tests.test_imagenet_ddp import save_weights, write_imagefolder
+from qgen_ray.train.finetune import FinetuneOptions, finetune
+from tests.support.fixtures import load_script, save_weights, write_imagefolder
 
 pytestmark = pytest.mark.slow
 

@@ -45,7 +45,9 @@ def test_corruptions_are_the_papers_fifteen_in_order():
 
 
 def test_unknown_corruption_lists_valid_names():
-    with pytest.raises(UserError, match=r"unknown corruption 'speckle'.*gaussian_noise, shot_noise"):
+    with pytest.raises(
+        UserError, match=r"unknown corruption 'speckle'.*gaussian_noise, shot_noise"
+    ):
         validate(["fog", "speckle"], [1])
 
 

@@ -124,7 +124,7 @@ def test_each_cifar_variant_reads_its_labels_classes_and_statistics(tmp_path, mo
     from torchvision.datasets import cifar as tv_cifar
 
     from qgen_ray.data import cifar
-    from tests.conftest import write_cifar_fixture
+    from tests.support.fixtures import write_cifar_fixture
 
     monkeypatch.setattr(datasets.CIFAR10, "_check_integrity", lambda self: True)
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
@@ -151,7 +151,7 @@ def test_cifar_that_fails_torchvisions_checksum_is_one_clear_error(tmp_path):
     """The fixture's files are not the published ones: torchvision's MD5 check (not
     bypassed here) refuses them, and the user is told to re-download."""
     from qgen_ray.data.cifar import load_cifar10
-    from tests.conftest import write_cifar_fixture
+    from tests.support.fixtures import write_cifar_fixture
 
     root = write_cifar_fixture(tmp_path / "cifar")
     with pytest.raises(UserError, match="integrity check.*re-download it with --download"):

@@ -29,15 +29,15 @@ import pandas as pd
 import pytest
 
 from qgen_ray import schema
-from qgen_ray.cluster import LocalHead, pid_alive
-from tests.conftest import REPO
+from tests.support.cluster import LocalHead, pid_alive
+from tests.support.fixtures import REPO
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 24  # long enough to kill a trial mid-training (~0.3 s an epoch here)
 STUDY_SCRIPT = f"""
-from qgen_ray.study import Study
-from qgen_ray.study_cli import main
+from qgen_ray.pipeline.study import Study
+from qgen_ray.pipeline.study_cli import main
 
 main(Study(name="faults", dataset="digits", model="nin",
            grid={{"width": [1], "depth": [2, 4]}},

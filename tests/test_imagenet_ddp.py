@@ -10,7 +10,6 @@ dicts of freshly built torchvision / timm models (nothing is downloaded).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -24,56 +23,22 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-from PIL import Image
 
 from qgen_ray import schema
-from qgen_ray.ddp.imagefolder import (
+from qgen_ray.imagenet.imagefolder import (
     check_imagefolder,
     eval_transform,
     image_folder,
     make_loader,
     train_transform,
 )
-from qgen_ray.ddp.loop import FinetuneOptions, finetune
 from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore
-from tests.conftest import REPO
+from qgen_ray.train.finetune import FinetuneOptions, finetune
+from tests.support.fixtures import REPO, load_script, save_weights, write_imagefolder
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
 SCRIPT = REPO / "studies" / "imagenet_finetune.py"
-
-
-def write_imagefolder(
-    root: Path, classes: int = 3, train: int = 4, val: int = 2, size: int = 40, seed: int = 0
-) -> Path:
-    """train/ and val/ with `classes` class folders of `size`-pixel JPEGs whose dominant
-    colour channel is the class (learnable)."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"n{c:08d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                base = np.full((size, size, 3), 40.0)
-                base[..., c % 3] = 200
-                pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"img{i}.JPEG", quality=90)
-    return root
-
-
-def save_weights(path: Path, model: str = "resnet18", **kw) -> Path:
-    from qgen_ray.models import create_model
-
-    torch.manual_seed(1)
-    torch.save(create_model(model, 1000, 3, 32, **kw).state_dict(), path)
-    return path
-
-
-def load_study_script():
-    spec = importlib.util.spec_from_file_location("imagenet_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 SMOKE_SPEC = dict(
@@ -140,8 +105,8 @@ def test_image_size_and_schedule_enter_the_id_only_when_set():
 
 
 def test_resources_split_and_pack_train_runs():
-    from qgen_ray.ddp.runner import DDPResources
     from qgen_ray.errors import UserError
+    from qgen_ray.ray.ddp import DDPResources
 
     cpu = DDPResources(workers=2, cpus_per_worker=1)
     assert cpu.per_worker() == {"CPU": 1} and cpu.concurrent_runs({"CPU": 2}) == 1
@@ -256,7 +221,7 @@ def test_vit_follows_the_vvtq_recipe_under_ddp(tmp_path, process_group):
 # -- bad input: one line, exit status 2, before Ray starts ------------------------------------
 def _bad(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exc:
-        load_study_script().main(argv)
+        load_script("imagenet_finetune").main(argv)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: "), err

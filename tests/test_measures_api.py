@@ -8,8 +8,8 @@ import pytest
 
 from qgen_ray.errors import UserError
 from qgen_ray.measures import MEASURES, compute_measures
-from qgen_ray.measures.toy import digits, tiny_cnn, train_tiny
 from qgen_ray.schema import MEASURES_COLUMNS
+from tests.support.toy import digits, tiny_cnn, train_tiny
 
 ROW_KEYS = [c for c in MEASURES_COLUMNS if c != "model_id"]
 

@@ -31,14 +31,14 @@ import statistics
 import pytest
 import torch
 
-from qgen_ray.collect import collect
 from qgen_ray.data import load_image_data
-from qgen_ray.jobs import measure_inputs
 from qgen_ray.measures import compute_measures
+from qgen_ray.pipeline.collect import collect
+from qgen_ray.pipeline.jobs import measure_inputs
 from qgen_ray.store import StudyStore
 from qgen_ray.train import train
-from tests.conftest import load_script
-from tests.oracles import fresh_drops
+from tests.support.fixtures import load_script
+from tests.support.oracles import fresh_drops
 
 pytestmark = [pytest.mark.slow, pytest.mark.statistical]
 TARGET = 0.1  # the paper's drop (Jiang et al. §C), written here, not read from a protocol

@@ -1,4 +1,4 @@
-"""Every bound against a hand computation on a two-weight model (METHOD.md §3).
+"""Every bound against a hand computation on a two-weight model (docs/method.md §3).
 
 w = [1, 2], w0 = [0, 1], so w − w0 = [1, 1], ||w − w0||² = 2, ||w||² = 5, ω = 2;
 m = 100 and radius σ = α = 0.5 throughout (σ² = 0.25, log(m/σ) = log 200).

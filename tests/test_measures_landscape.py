@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from qgen_ray.measures.landscape import filter_normalized_direction, loss_landscape
-from qgen_ray.measures.toy import digits, tiny_cnn, train_tiny
+from tests.support.toy import digits, tiny_cnn, train_tiny
 
 
 def test_filter_normalized_direction():

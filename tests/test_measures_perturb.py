@@ -9,11 +9,11 @@ from torch.func import functional_call
 
 from qgen_ray.measures.api import folded_weights
 from qgen_ray.measures.bn_fold import fold_batchnorm
-from qgen_ray.measures.evaluate import ForwardCounter, correct_predictions
 from qgen_ray.measures.formulas import MAG_EPS
+from qgen_ray.measures.forward import ForwardCounter, correct_predictions
 from qgen_ray.measures.params import ParamLayout
 from qgen_ray.measures.perturb import FAMILIES, ascend
-from qgen_ray.measures.toy import digits, tiny_cnn, train_tiny
+from tests.support.toy import digits, tiny_cnn, train_tiny
 
 
 @pytest.fixture(scope="module")

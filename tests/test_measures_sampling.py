@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from qgen_ray.measures import folded_weights
-from qgen_ray.measures.evaluate import CleanPredictions, ForwardCounter, correct_predictions
+from qgen_ray.measures.forward import CleanPredictions, ForwardCounter, correct_predictions
 from qgen_ray.measures.sampling import bit_reversed, pool_layout, stratified_positions
-from qgen_ray.measures.toy import digits, tiny_cnn, train_tiny
+from tests.support.toy import digits, tiny_cnn, train_tiny
 
 
 def test_bit_reversed():

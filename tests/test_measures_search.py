@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from qgen_ray.measures import compute_measures, folded_weights
-from qgen_ray.measures.evaluate import CleanPredictions
+from qgen_ray.measures.forward import CleanPredictions
 from qgen_ray.measures.perturb import FAMILIES
 from qgen_ray.measures.search import FlatnessSearch, crossing_radius, protocol_for
-from qgen_ray.measures.toy import digits, tiny_cnn, train_tiny
-from tests.oracles import fresh_drops
+from tests.support.oracles import fresh_drops
+from tests.support.toy import digits, tiny_cnn, train_tiny
 
 TARGET = 0.1
 # sd of the drop at the radius one search returns, from its own sizes (96 directions, 256
@@ -109,7 +109,7 @@ def _written_out_probe(search: FlatnessSearch, radius: float, clean_all) -> tupl
     """`probe`'s sequential rule written out: every per-image drop of the (common-random-
     number) perturbations up to the cap at once, then the looks 8, 16, 32, ... replayed on
     them. Returns (drop, verdict, images read)."""
-    from qgen_ray.measures.evaluate import ForwardCounter, correct_predictions
+    from qgen_ray.measures.forward import ForwardCounter, correct_predictions
 
     p, n = search.protocol, search.x.shape[0]
     flat = search.perturbed_weights(radius)
@@ -146,7 +146,7 @@ def test_probe_reads_doubling_looks_and_stops_where_the_rule_says(models, data, 
     written-out rule's drop and verdict after reading exactly as many images. On this
     model the radii stop after 8 (too low / too high), 64 (too low) and at the cap (in
     band / too high)."""
-    from qgen_ray.measures.evaluate import ForwardCounter, correct_predictions
+    from qgen_ray.measures.forward import ForwardCounter, correct_predictions
 
     protocol = protocol_for("fast", samples=6, first_chunk=8, max_images=128, stratify=False,
                             batched=False, sd_floor=0.05)  # fmt: skip

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from qgen_ray.errors import UserError
+from qgen_ray.pipeline.study import NIN_LR_GRID, Study, nin_population
 from qgen_ray.spec import TrainSpec
-from qgen_ray.study import NIN_LR_GRID, Study, nin_population
 
 
 def test_model_id_is_stable_and_depends_only_on_science():
@@ -127,7 +127,7 @@ def test_study_declaration_is_checked_whole_by_plan(declaration, fragment):
 
 
 def test_every_study_scripts_stage_options_are_valid():
-    from tests.conftest import REPO, load_script
+    from tests.support.fixtures import REPO, load_script
 
     for script in sorted((REPO / "studies").glob("*.py")):
         module = load_script(script.stem)

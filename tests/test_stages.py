@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from qgen_ray import cli, schema
-from qgen_ray.collect import collect
 from qgen_ray.data import load_image_data
+from qgen_ray.pipeline.collect import collect
+from qgen_ray.pipeline.followups import corrupt_study, landscape_study, measure_study, report_study
 from qgen_ray.spec import TrainSpec
-from qgen_ray.stages import corrupt_study, landscape_study, measure_study, report_study
 from qgen_ray.store import StudyStore
 from qgen_ray.train import train
 
@@ -90,7 +90,7 @@ def _assert_rows_recomputed_from_the_cached_images(store: StudyStore, table: pd.
 
     from qgen_ray import load_model
     from qgen_ray.data.corruptions import corrupt_images
-    from qgen_ray.jobs import CORRUPTION_SEED
+    from qgen_ray.pipeline.jobs import CORRUPTION_SEED
 
     data = load_image_data("digits")
     mean, std = torch.tensor(data.mean).view(1, -1, 1, 1), torch.tensor(data.std).view(1, -1, 1, 1)

@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 
 from qgen_ray import schema
-from qgen_ray.study import Study
-from qgen_ray.study_cli import main
-from tests.conftest import REPO, load_script
+from qgen_ray.pipeline.study import Study
+from qgen_ray.pipeline.study_cli import main
+from tests.support.fixtures import REPO, load_script
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_DEDUP_LOGS": "0"}
@@ -54,8 +54,8 @@ def test_demo_smoke_trains_every_precision(tmp_path):
 
 
 RESUME_SCRIPT = """
-from qgen_ray.study import Study
-from qgen_ray.study_cli import main
+from qgen_ray.pipeline.study import Study
+from qgen_ray.pipeline.study_cli import main
 main(Study(name="resume", dataset="digits", model="nin",
            grid={{"width": [1, 2], "depth": [2]}},
            precisions=(("fp32", 32), ("lsq", 4)),
@@ -183,8 +183,8 @@ def test_cifar_study_smoke_reads_the_published_layout(cifar10_root, tmp_path):
 
 def test_planned_models_without_a_result_are_named(tmp_path, capsys):
     """A trial that ended without writing its result (e.g. it wrote elsewhere) is said."""
+    from qgen_ray.pipeline.study_cli import collect_trials
     from qgen_ray.store import StudyStore
-    from qgen_ray.study_cli import collect_trials
 
     collect_trials(StudyStore(str(tmp_path / "s")), "s", ["0123abcd"])
     out = capsys.readouterr().out

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from qgen_ray import load_model, schema
-from qgen_ray.collect import collect
 from qgen_ray.data import load_image_data
+from qgen_ray.pipeline.collect import collect
 from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore
 from qgen_ray.train import evaluate, train
-from tests.oracles import reference_training
+from tests.support.oracles import reference_training
 
 METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "gap_acc", "best_epoch"]
 

@@ -1,4 +1,4 @@
-"""Rank correlation between a measure and the generalization gap (METHOD.md §4).
+"""Rank correlation between a measure and the generalization gap (docs/method.md §4).
 
 `kendall_tau` is the paper's pairwise-sign form (Jiang et al. 2019, eq. 2):
 

@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from qgen_ray.analysis.precision import precision_color, precision_label
-from qgen_ray.analysis.study import POPULATION_KEYS, Study
+from qgen_ray.analysis.study_tables import POPULATION_KEYS, StudyTables
 
 DPI = 100
 FIGURE_SIZES = {"steps": (8.0, 5.0), "curves": (11.0, 4.5)}
@@ -60,7 +60,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def figure_steps(study: Study, out_dir: Path) -> list[FigureFile]:
+def figure_steps(study: StudyTables, out_dir: Path) -> list[FigureFile]:
     """Figure 1: mean learned step size per layer and bit width (log scale). Open markers
     flag layers kept at another precision than the model's (LSQ: first and last at 8)."""
     steps = study.joined(study.steps.rename(columns={"bits": "layer_bits"}))
@@ -108,7 +108,7 @@ def _surface(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return x, y, grid.to_numpy(float)
 
 
-def figure_landscapes(study: Study, out_dir: Path) -> list[FigureFile]:
+def figure_landscapes(study: StudyTables, out_dir: Path) -> list[FigureFile]:
     """Figure 2: per precision the mean loss surface of the models that have one, drawn as
     a 3-D surface and a contour plot with the same axes, z range and levels throughout."""
     land = study.joined(study.landscapes)
@@ -156,7 +156,7 @@ def figure_landscapes(study: Study, out_dir: Path) -> list[FigureFile]:
     return files
 
 
-def figure_training_curves(study: Study, out_dir: Path) -> list[FigureFile]:
+def figure_training_curves(study: StudyTables, out_dir: Path) -> list[FigureFile]:
     """Mean training loss and accuracy per epoch and precision, +- one std over models."""
     history = study.joined(study.history)
     files = []

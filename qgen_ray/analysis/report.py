@@ -24,7 +24,7 @@ from qgen_ray.analysis.render import (
     to_html,
     to_markdown,
 )
-from qgen_ray.analysis.study import OPTIONAL_TABLES, POPULATION_KEYS, Study, load_study
+from qgen_ray.analysis.study_tables import OPTIONAL_TABLES, POPULATION_KEYS, StudyTables, load_study
 from qgen_ray.analysis.tables import GAPS, tables_for
 
 REPORT_MD = "report.md"
@@ -43,7 +43,7 @@ MISSING = {
 }
 
 
-def _missing(study: Study) -> list[str]:
+def _missing(study: StudyTables) -> list[str]:
     items = list(study.notes)
     for name, (what, consequence) in MISSING.items():
         if not study.has(name):
@@ -54,7 +54,7 @@ def _missing(study: Study) -> list[str]:
     return items
 
 
-def _header(study: Study) -> list[Block]:
+def _header(study: StudyTables) -> list[Block]:
     meta = study.meta
     facts = [f"study folder: {study.path}", f"axes: {', '.join(study.axes) or 'none'}"]
     facts += [f"{k}: {meta[k]}" for k in ("dataset", "model", "created_at") if k in meta]
@@ -148,7 +148,7 @@ def _corruption_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
     ]
 
 
-def _figure_blocks(study: Study, out_dir: Path) -> list[Block]:
+def _figure_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
     drawn: list[figures.FigureFile] = []
     for name, draw in (
         ("steps", figures.figure_steps),
@@ -162,7 +162,7 @@ def _figure_blocks(study: Study, out_dir: Path) -> list[Block]:
     return [Heading("Figures")] + [Image(f.caption, f.path.name) for f in drawn]
 
 
-def report_blocks(study: Study, out_dir: Path) -> list[Block]:
+def report_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
     """The report's content; draws the figures into `out_dir` on the way."""
     tables = tables_for(study)
     blocks = _header(study)

@@ -33,7 +33,7 @@ from qgen_ray.analysis.orientation import (
     orientation_table,
     oriented,
 )
-from qgen_ray.analysis.study import POPULATION_KEYS, Study, load_study
+from qgen_ray.analysis.study_tables import POPULATION_KEYS, StudyTables, load_study
 
 BY_PRECISION = [*POPULATION_KEYS, "precision"]
 TABLE1_COLUMNS = ["train_acc", "test_acc", "train_loss", "test_loss", "gap_loss", "gap_acc"]
@@ -43,12 +43,12 @@ WEIGHT_NORM = "weight_norm"
 CORRELATION_COLUMNS = [*POPULATION_KEYS, "measure", "n", "tau", "tau_b", "Psi"]
 
 
-def status_table(study: Study) -> pd.DataFrame:
+def status_table(study: StudyTables) -> pd.DataFrame:
     counts = study.trials["status"].value_counts()
     return counts.rename_axis("status").reset_index(name="models")
 
 
-def table1(study: Study) -> pd.DataFrame:
+def table1(study: StudyTables) -> pd.DataFrame:
     """Paper Table 1: means per dataset, model and precision, and the number of models."""
     grouped = study.ok.groupby(BY_PRECISION, observed=True)
     out = grouped[TABLE1_COLUMNS].mean()
@@ -62,13 +62,13 @@ def _mean_std(frame: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
     return out.reset_index()
 
 
-def table2(study: Study) -> pd.DataFrame:
+def table2(study: StudyTables) -> pd.DataFrame:
     """Paper Table 2: the L2 norm of all weights per precision."""
     norms = study.joined(study.measures[study.measures["measure"] == WEIGHT_NORM])
     return _mean_std(norms, BY_PRECISION, "value")
 
 
-def _measures_long(study: Study) -> pd.DataFrame:
+def _measures_long(study: StudyTables) -> pd.DataFrame:
     """One row per ok model and measure column: hyperparameters, value, converged."""
     values = measure_frame(study.measures).rename_axis("model_id")
     flags = convergence_frame(study.measures).rename_axis("model_id")
@@ -78,7 +78,7 @@ def _measures_long(study: Study) -> pd.DataFrame:
     return study.joined(long)
 
 
-def table3(study: Study) -> pd.DataFrame:
+def table3(study: StudyTables) -> pd.DataFrame:
     """Paper Table 3: every measure (as measured) per precision, mean and std over models,
     with the number of its searches that missed their tolerance."""
     long = _measures_long(study)
@@ -93,7 +93,7 @@ def _population_axes(models: pd.DataFrame, axes: list[str]) -> list[str]:
     return [a for a in axes if models[a].nunique(dropna=False) > 1]
 
 
-def correlation_table(study: Study, gap: str) -> pd.DataFrame:
+def correlation_table(study: StudyTables, gap: str) -> pd.DataFrame:
     """Per population and measure: n models, tau, tau-b, psi_<axis>, groups_<axis> (used),
     dropped_<axis> (groups with no defined tau) and Psi, against `gap`. Notes on axes
     regrouped by level are in `.attrs["notes"]`."""
@@ -123,7 +123,7 @@ def correlation_table(study: Study, gap: str) -> pd.DataFrame:
     return out
 
 
-def _gap_by(study: Study, index: list[str]) -> pd.DataFrame:
+def _gap_by(study: StudyTables, index: list[str]) -> pd.DataFrame:
     """Mean corruption gap with `index` as rows and precisions as columns."""
     gaps = study.joined(study.corruptions)
     wide = gaps.pivot_table(
@@ -133,22 +133,22 @@ def _gap_by(study: Study, index: list[str]) -> pd.DataFrame:
     return wide.reset_index()
 
 
-def table4(study: Study) -> pd.DataFrame:
+def table4(study: StudyTables) -> pd.DataFrame:
     """Corruption gap (corrupted-test loss - clean-train loss) by corruption and precision."""
     return _gap_by(study, [*POPULATION_KEYS, "corruption"])
 
 
-def table5(study: Study) -> pd.DataFrame:
+def table5(study: StudyTables) -> pd.DataFrame:
     """Corruption gap by severity and precision."""
     return _gap_by(study, [*POPULATION_KEYS, "severity"])
 
 
-def table6(study: Study) -> pd.DataFrame:
+def table6(study: StudyTables) -> pd.DataFrame:
     """Corruption gap per precision over every corruption and severity."""
     return _gap_by(study, POPULATION_KEYS)
 
 
-def tables_for(study: Study) -> dict[str, pd.DataFrame]:
+def tables_for(study: StudyTables) -> dict[str, pd.DataFrame]:
     """Every table whose inputs `study` has, in report order."""
     tables = {"status": status_table(study), "table1": table1(study)}
     if study.has("measures"):

@@ -28,7 +28,7 @@ DATASETS: Registry[Callable[..., ImageData]] = Registry("dataset")
 DATASETS.add("digits", load_digits_data)
 DATASETS.add("cifar10", load_cifar10)
 DATASETS.add("cifar100", load_cifar100)
-DATASETS.add("imagenet", load_imagenet)  # ImageFolder on disk: qgen_ray.ddp.imagefolder
+DATASETS.add("imagenet", load_imagenet)  # ImageFolder on disk: qgen_ray.imagenet.imagefolder
 
 
 def load_image_data(name: str, root: str | None = None, download: bool = False) -> ImageData:

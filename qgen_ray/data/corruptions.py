@@ -1,4 +1,4 @@
-"""The paper's 15 corruptions x 5 severities (METHOD.md §6), made on the fly and cached.
+"""The paper's 15 corruptions x 5 severities (docs/method.md §6), made on the fly and cached.
 
 Corrupted test sets are made with `imagecorruptions-imaug` (Hendrycks & Dietterich's
 ImageNet-C code, packaged to run at any image size >= 32 px) when no published set
@@ -41,7 +41,7 @@ import numpy as np
 
 from qgen_ray.errors import UserError
 
-# The 15 corruptions of METHOD.md §6, in the paper's (and ImageNet-C's) order.
+# The 15 corruptions of docs/method.md §6, in the paper's (and ImageNet-C's) order.
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise",
     "shot_noise",

@@ -24,7 +24,6 @@ from torch import nn
 
 from qgen_ray.errors import UserError
 from qgen_ray.measures.bn_fold import fold_batchnorm
-from qgen_ray.measures.evaluate import CleanPredictions
 from qgen_ray.measures.formulas import (
     flatness,
     magnitude_aware_bound,
@@ -32,6 +31,7 @@ from qgen_ray.measures.formulas import (
     sharpness_bound,
     weight_norm,
 )
+from qgen_ray.measures.forward import CleanPredictions
 from qgen_ray.measures.params import ParamLayout
 from qgen_ray.measures.perturb import FAMILIES
 from qgen_ray.measures.search import FlatnessSearch, SearchResult, protocol_for, stream_seed

@@ -1,4 +1,4 @@
-"""Fold every BatchNorm into the conv/linear layer that feeds it (METHOD.md §3).
+"""Fold every BatchNorm into the conv/linear layer that feeds it (docs/method.md §3).
 
 The measures perturb "the function the model computes", so an eval-mode BatchNorm
 y = γ (z − μ) / sqrt(var + eps) + β that follows z = W x + b is merged into the layer:

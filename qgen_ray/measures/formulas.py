@@ -1,4 +1,4 @@
-"""The closed-form bounds of the PAC-Bayes and sharpness measures (METHOD.md §3).
+"""The closed-form bounds of the PAC-Bayes and sharpness measures (docs/method.md §3).
 
 Pure functions of the weights and the searched radius. Notation: `w` trained weights,
 `w0` weights at initialization, `ref` = w − w0 ("init" variants) or w ("orig" variants),
@@ -20,7 +20,7 @@ import torch
 
 MAG_EPS = 1e-3
 """ε of the magnitude-aware measures: noise floor so that zero weights are perturbed too
-(unitless, same unit as the weights). Source: Jiang et al. 2019 §C; METHOD.md §3."""
+(unitless, same unit as the weights). Source: Jiang et al. 2019 §C; docs/method.md §3."""
 
 
 def pacbayes_bound(ref_sq_norm: float, sigma: float, m: int) -> float:

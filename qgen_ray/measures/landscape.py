@@ -1,4 +1,4 @@
-"""2-D loss landscape around the trained weights (Li et al. 2018; METHOD.md §5).
+"""2-D loss landscape around the trained weights (Li et al. 2018; docs/method.md §5).
 
     L(a, b) = loss(w + a·d1 + b·d2),   (a, b) on a steps × steps grid over [-span, span]²
 

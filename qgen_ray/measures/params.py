@@ -1,6 +1,6 @@
 """Which tensors the measures call "weights", and a flat view of them.
 
-The one place that decides what `w`, `w0` and `ω` mean in METHOD.md §3:
+The one place that decides what `w`, `w0` and `ω` mean in docs/method.md §3:
 
     the weights are EVERY floating-point parameter of the BatchNorm-folded model:
     conv/linear weights AND biases (after folding, a bias carries the BN shift), plus the

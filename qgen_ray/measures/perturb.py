@@ -1,4 +1,4 @@
-"""The four perturbation families of METHOD.md §3 and the sharpness gradient ascent.
+"""The four perturbation families of docs/method.md §3 and the sharpness gradient ascent.
 
 A perturbation is u = scale(radius, w) ⊙ direction, with a per-coordinate scale:
 
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from qgen_ray.measures.evaluate import ForwardCounter
 from qgen_ray.measures.formulas import MAG_EPS
+from qgen_ray.measures.forward import ForwardCounter
 from qgen_ray.measures.params import ParamLayout
 
 

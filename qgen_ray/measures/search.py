@@ -25,15 +25,13 @@ fast (ours; agrees with faithful, see benchmarks/measures_fast_vs_faithful.py):
     - the ascent uses mini-batches of 8 (faithful: 128; measured: α unchanged to 0.3%),
       and the K perturbations go through the network as one vmap call where that is
       faster (`evaluate.use_vmap`).
-    Measured (benchmarks/measures_fast_vs_faithful.py on 8 of the demo study's NiNs, m =
-    1347, 3 seeds, against a precise reference search: 128 directions, full training set,
-    ±0.005 band): fast 3-seed means within 1.8-5.3% of the reference, Kendall τ 0.86-0.93
-    over the four families; the faithful protocol's within 4.5-16.5%, τ 0.71-0.93; fast
-    pushes 6.9x fewer images. The faithful mode lands off the crossing because its
-    first-in-band rule accepts a step whose 10-perturbation mean happened to fall in the
-    ±0.01 band (that mean carries ~0.014 of noise), on its coarse bisection grid (0.125,
-    0.1875, ...). The fast cost does not grow with m (the margin pool is ≤ 4096 images
-    once per model), so the image ratio grows with the training set.
+    How closely each mode lands on a precise reference search, and what each costs, is
+    measured by benchmarks/measures_fast_vs_faithful.py (figures: README, "Measured
+    figures"). The faithful mode can land off the crossing: its first-in-band rule
+    accepts a step whose 10-perturbation mean happened to fall in the ±0.01 band, on its
+    coarse bisection grid (0.125, 0.1875, ...). The fast cost does not grow with m (the
+    margin pool is ≤ 4096 images once per model), so its image saving grows with the
+    training set.
 
 In both modes `converged` means the final accuracy drop is within the tolerance. The
 faithful mode returns the radius of the last step (the converged one when converged); the
@@ -53,7 +51,7 @@ import torch
 from torch import nn
 
 from qgen_ray.errors import UserError
-from qgen_ray.measures.evaluate import (
+from qgen_ray.measures.forward import (
     CleanPredictions,
     ForwardCounter,
     correct_predictions,

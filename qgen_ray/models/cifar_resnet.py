@@ -1,4 +1,4 @@
-"""CIFAR ResNets (He et al. 2016) as in QGen's ResNet study (METHOD.md §2): base width 16.
+"""CIFAR ResNets (He et al. 2016) as in QGen's ResNet study (docs/method.md §2): base width 16.
 
 Stem conv3x3 stride 1 -> BN -> ReLU, no max pool, four stages of widths
 `base_width * (1, 2, 4, 8)` with strides (1, 2, 2, 2), global average pool, linear.

@@ -1,5 +1,5 @@
 """Network-in-Network of Dziugaite et al. 2020, the model of QGen's population study
-(METHOD.md §2, QGen Section 4.2 and Appendix B.3).
+(docs/method.md §2, QGen Section 4.2 and Appendix B.3).
 
 A block is conv3x3 stride 2 -> BN -> ReLU -> (conv1x1 -> BN -> ReLU) x 2; `depth` blocks
 of `base_width * width` channels; the head is conv1x1 to the classes -> BN -> ReLU ->

@@ -1,5 +1,5 @@
 """The quantization-aware regularizer of seed 002 (Malchiodi et al. 2026), as reconstructed in
-METHOD.md Sec. 1 from its abstract: per layer, k = 2^b learnable representatives c pull the
+docs/method.md §1 from its abstract: per layer, k = 2^b learnable representatives c pull the
 weights into clusters during training; afterwards every weight is snapped to its nearest
 representative.
 
@@ -29,8 +29,9 @@ QAR_LAMBDA = 1.0
 
 
 def init_codebook(w: torch.Tensor, k: int) -> torch.Tensor:
-    """k representatives at the (j + 1/2)/k quantiles of the weights, j = 0..k-1 (METHOD.md:
-    "init: quantiles"). Uses a sort, not torch.quantile, which refuses tensors > 16M."""
+    """k representatives at the (j + 1/2)/k quantiles of the weights, j = 0..k-1
+    (docs/method.md §1.4, "init: quantiles"). Uses a sort, not torch.quantile, which
+    refuses tensors > 16M."""
     values = w.detach().flatten().sort().values
     positions = (torch.arange(k, device=values.device, dtype=torch.float64) + 0.5) / k
     return values[(positions * values.numel()).long().clamp_(max=values.numel() - 1)]
@@ -47,7 +48,7 @@ def nearest_representative(w: torch.Tensor, codebook: torch.Tensor) -> torch.Ten
 
 
 def cluster_penalty(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """R_l = mean_i min_j (w_i - c_j)^2 (METHOD.md Sec. 1, seed-002 reconstruction)."""
+    """R_l = mean_i min_j (w_i - c_j)^2 (docs/method.md §1, seed-002 reconstruction)."""
     return (w - nearest_representative(w, codebook)).pow(2).mean()
 
 

@@ -1,5 +1,5 @@
 """VVTQ-style weight quantization for vision transformers (Huang et al. 2023, "Variation-aware
-Vision Transformer Quantization"), weights only, as METHOD.md Sec. 1 describes:
+Vision Transformer Quantization"), weights only, as docs/method.md §1 describes:
 
 - LSQ on every Linear; timm's fused `qkv` gets one step per third of its output rows
   (q, k, v), named `<layer>.q`, `<layer>.k`, `<layer>.v`;
@@ -31,7 +31,7 @@ from qgen_ray.quant.lsq import LSQWeightQuantizer, quantize_codes
 MSE_INIT_ITERS = 200
 MSE_INIT_RTOL = 1e-5
 
-# Bin-regularizer weight schedule (VVTQ / METHOD.md Sec. 1): 0 until this fraction of
+# Bin-regularizer weight schedule (VVTQ / docs/method.md §1): 0 until this fraction of
 # training is done, then a cosine ramp up to VVTQ_LAMBDA_MAX at the end.
 VVTQ_WARMUP = 0.25
 VVTQ_LAMBDA_MAX = 0.01
@@ -104,7 +104,7 @@ class QKVWeightQuantizer(WeightQuantizer):
 
 
 def bin_regularizer(w: torch.Tensor, step: torch.Tensor, Qn: int, Qp: int) -> torch.Tensor:
-    """VVTQ's bin regularizer for one LSQ layer (METHOD.md Sec. 1):
+    """VVTQ's bin regularizer for one LSQ layer (docs/method.md §1):
 
         R = mean( (sg(w_hat) - clip(w))^2 ) + sum over bins of Var(clip(w) in that bin)
 

@@ -1,6 +1,6 @@
 """`train(spec, data) -> result`: one model under the paper protocol. No Ray in here.
 
-Protocol (METHOD.md §2): minibatch SGD-family training for `spec.epochs` epochs with a
+Protocol (docs/method.md §2): minibatch SGD-family training for `spec.epochs` epochs with a
 multistep learning-rate schedule; the kept weights are those of the epoch with the
 lowest training loss (no test data is used to choose); the kept model is then measured
 in eval mode without augmentation on the full training and test sets.

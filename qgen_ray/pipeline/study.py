@@ -1,7 +1,7 @@
 """A study: a declared grid of models, expanded into frozen `TrainSpec`s.
 
 A study script (studies/<name>.py) builds one `Study` and hands it to
-`qgen_ray.study_cli.main`. The grid maps hyperparameter names (TrainSpec fields) to
+`qgen_ray.pipeline.study_cli.main`. The grid maps hyperparameter names (TrainSpec fields) to
 lists of values; `lr` may instead map each optimizer to its own list (the paper's NiN
 grid: SGD {0.1, 0.05, 0.01}, Adam / RMSProp {1e-3, 5e-4, 1e-4}), in which case the
 position of the value in its list is recorded as `lr_rank`, the granulated-Kendall axis
@@ -20,13 +20,13 @@ from qgen_ray.spec import TrainSpec
 # Precisions as (method, bits). FP32 is no quantizer at all.
 PAPER_PRECISIONS = (("fp32", 32), ("lsq", 8), ("lsq", 4), ("lsq", 2))
 
-# What a study can run, in order: training, then the follow-up stages (qgen_ray.stages).
+# What a study can run, in order: training, then the follow-up stages (qgen_ray.pipeline.followups).
 STAGES = ("train", "measure", "corrupt", "landscape", "report")
 # Parameters of a follow-up stage function that are not study options: the store it works
 # on and where it runs (both come from the command line).
 STAGE_RUN_PARAMETERS = ("store", "place")
 
-# The paper's NiN learning rates per optimizer (METHOD.md §2, QGen Appendix B.3).
+# The paper's NiN learning rates per optimizer (docs/method.md §2, QGen Appendix B.3).
 NIN_LR_GRID = {"sgd": [0.1, 0.05, 0.01], "adam": [1e-3, 5e-4, 1e-4], "rmsprop": [1e-3, 5e-4, 1e-4]}
 
 
@@ -56,7 +56,7 @@ def _check_names(specs) -> None:
 def stage_option_names(stage: str) -> list[str]:
     """The options a study may set for `stage`: its stage function's keyword parameters
     (read from the signature, as the model registry reads a builder's)."""
-    from qgen_ray.stages import STAGE_FUNCTIONS
+    from qgen_ray.pipeline.followups import STAGE_FUNCTIONS
 
     if stage not in STAGE_FUNCTIONS:
         return []
@@ -199,7 +199,7 @@ class Study:
 
 
 def nin_population(dataset: str, depths: list[int]) -> Study:
-    """The paper's NiN population on a CIFAR dataset (METHOD.md §2, QGen Appendix B.3):
+    """The paper's NiN population on a CIFAR dataset (docs/method.md §2, QGen Appendix B.3):
     optimizer x lr (3 each) x weight decay x width x depth = 243 models per precision,
     at FP32 / int8 / int4 / int2; batch 128, 300 epochs, lr x0.1 at epochs 100 and 200."""
     return Study(
@@ -227,7 +227,7 @@ IMAGENET_SMOKE_PROTOCOL = {"epochs": 2, "milestones": (1,), "batch_size": 4, "im
 
 
 def imagenet_cnns(name: str, **overrides) -> Study:
-    """The paper's ImageNet CNNs (METHOD.md §7, QGen Appendix B.1): ResNet-18, ResNet-50
+    """The paper's ImageNet CNNs (docs/method.md §7, QGen Appendix B.1): ResNet-18, ResNet-50
     and MobileNetV2 fine-tuned from torchvision's pretrained weights at FP32 / LSQ 8/4/2
     with SGD lr 0.01, momentum 0.9, weight decay 1e-4, 120 epochs, lr x0.1 at 30/60/90,
     a global batch of 256 (torchvision's recipe) and 224-px crops. `overrides` replace

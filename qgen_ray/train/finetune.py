@@ -4,9 +4,9 @@
 none is initialized): it builds the model from pretrained weights, quantizes it
 (`spec.method`: LSQ for CNNs, VVTQ for ViTs), wraps it in DistributedDataParallel, and
 trains `spec.epochs` epochs on this rank's shard of the ImageFolder; the Ray Train
-adapter (`qgen_ray.ddp.runner`) only supplies the process group, the device and `report`.
+adapter (`qgen_ray.ray.ddp`) only supplies the process group, the device and `report`.
 
-Protocol (METHOD.md §7) as in the population studies: `spec.batch_size` is the global
+Protocol (docs/method.md §7) as in the population studies: `spec.batch_size` is the global
 batch (each of w ranks takes batch_size / w); the training loss of an epoch is the mean
 of its minibatch losses over all ranks; the kept weights are those of the epoch with the
 lowest training loss; the kept model is measured in eval mode without augmentation on
@@ -35,8 +35,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from qgen_ray import schema
-from qgen_ray.ddp.imagefolder import check_imagefolder, image_folder, loader_workers, make_loader
 from qgen_ray.errors import UserError
+from qgen_ray.imagenet.imagefolder import (
+    check_imagefolder,
+    image_folder,
+    loader_workers,
+    make_loader,
+)
 from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore, TrialStore
 from qgen_ray.train.build import build_model

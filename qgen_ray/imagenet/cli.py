@@ -2,7 +2,7 @@
 
     python studies/imagenet_finetune.py --data-root DIR --weights resnet18=r18.pt ...
         [--workers N] [--image-size PX] [--models NAME ...] [--pretrained-from-hub]
-        [--log-samples] + every flag of qgen_ray.study_cli (--storage, --smoke, ...)
+        [--log-samples] + every flag of qgen_ray.pipeline.study_cli (--storage, --smoke, ...)
     python studies/corruption_imagenet.py ... --corrupt-root IMAGENET-C
         [--corruptions NAME ...] [--severities N ...]    (stages train corrupt report)
 
@@ -17,11 +17,11 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from qgen_ray import study_cli
-from qgen_ray.ddp.corrupt import check_imagenet_c, require_corrupt_root
 from qgen_ray.errors import UserError, exit_on_user_error
+from qgen_ray.imagenet.imagenet_c import check_imagenet_c, require_corrupt_root
+from qgen_ray.pipeline import study_cli
+from qgen_ray.pipeline.study import Study
 from qgen_ray.spec import TrainSpec
-from qgen_ray.study import Study
 
 DDP_STAGES = ("train", "corrupt", "report")  # measures / landscapes need in-memory data
 CPUS_PER_GPU_WORKER = 8  # default CPUs of a GPU worker (JPEG decoding keeps a GPU fed)
@@ -29,7 +29,7 @@ CPUS_PER_CPU_WORKER = 1  # default CPUs of a CPU-only worker
 
 
 def parser(studies: tuple[Study, ...]) -> argparse.ArgumentParser:
-    """`qgen_ray.study_cli.parser` of the first study, extended with the DDP flags."""
+    """`qgen_ray.pipeline.study_cli.parser` of the first study, extended with the DDP flags."""
     p = study_cli.parser(studies[0])
     helps = {
         "cpus_per_trial": "CPUs of one Train run, split evenly over its --workers (default "
@@ -194,11 +194,10 @@ def describe(studies: tuple[Study, ...], name: str, plan: list) -> dict:
 
 def resources(args: argparse.Namespace):
     """Per-worker CPUs / GPUs from the flags and the cluster (call after Ray is up)."""
-    import ray
+    from qgen_ray.ray.ddp import DDPResources
+    from qgen_ray.ray.session import cluster_gpus as total_gpus
 
-    from qgen_ray.ddp.runner import DDPResources
-
-    cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    cluster_gpus = total_gpus()
     if args.device == "cuda" and not cluster_gpus:
         raise UserError("--device cuda but the Ray cluster has no GPUs; use --device auto/cpu")
     if args.device == "cpu":
@@ -214,10 +213,10 @@ def resources(args: argparse.Namespace):
 
 def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     """Validate everything, fine-tune the pending models, collect; {stage: output path}."""
-    from qgen_ray.ddp.imagefolder import check_imagefolder
-    from qgen_ray.ddp.loop import FinetuneOptions
+    from qgen_ray.imagenet.imagefolder import check_imagefolder
+    from qgen_ray.ray.session import init_ray
     from qgen_ray.store import StudyStore
-    from qgen_ray.tune_runner import init_ray
+    from qgen_ray.train.finetune import FinetuneOptions
 
     if args.download:
         raise UserError("ImageNet cannot be downloaded here; put it under --data-root yourself")
@@ -253,7 +252,7 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
         study_cli.write_study_record(store, describe(studies, name, plan))
         pending = study_cli.pending_models(store, plan, name, verb="fine-tune")
         if pending:
-            from qgen_ray.ddp.runner import run_finetune
+            from qgen_ray.ray.ddp import run_finetune
 
             init_ray(args.address)
             res = resources(args)
@@ -282,7 +281,7 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     if "corrupt" in stages:
         outputs["corrupt"] = run_corrupt(store, args, corrupt)
     if "report" in stages:
-        from qgen_ray import stages as stage_impl
+        from qgen_ray.pipeline import followups as stage_impl
 
         outputs["report"] = stage_impl.run_stage("report", store, args, {})
     return outputs
@@ -305,8 +304,8 @@ def corrupt_options(study: Study, args: argparse.Namespace) -> dict:
 def run_corrupt(store, args: argparse.Namespace, options: dict) -> str:
     """ImageNet-C evaluation of the study's models: one worker actor holds the CPUs and
     GPUs of one DDP worker (`resources`), several actors evaluate models side by side."""
-    from qgen_ray.stages import Placement, corrupt_study
-    from qgen_ray.tune_runner import init_ray
+    from qgen_ray.pipeline.followups import Placement, corrupt_study
+    from qgen_ray.ray.session import init_ray
 
     init_ray(args.address)
     res = resources(args)

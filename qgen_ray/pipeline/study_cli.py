@@ -14,8 +14,8 @@ import collections.abc
 
 from qgen_ray import schema
 from qgen_ray.errors import UserError, exit_on_user_error
+from qgen_ray.pipeline.study import STAGES, Study
 from qgen_ray.store import StudyStore
-from qgen_ray.study import STAGES, Study
 
 DEFAULT_STORAGE = "./results"
 
@@ -62,7 +62,8 @@ def parser(study: Study) -> argparse.ArgumentParser:
         "--gpus-per-trial",
         type=float,
         default=None,
-        help=f"GPUs per trial, fractional packs trials (default {study.gpus_per_trial})",
+        help=f"GPUs per trial, fractional packs trials (default {study.gpus_per_trial}); "
+        "the follow-up stages' tasks (measure, corrupt, landscape) get the same share",
     )
     p.add_argument(
         "--stages",
@@ -99,7 +100,7 @@ def collect_trials(
 ) -> str:
     """Rebuild the study's tables, print the counts by status, why models failed, and how
     many of the `planned` model ids have no result at all; return trials.parquet."""
-    from qgen_ray.collect import collect
+    from qgen_ray.pipeline.collect import collect
 
     trials = collect(store)
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
@@ -120,7 +121,7 @@ def collect_trials(
 
 def pending_models(store: StudyStore, plan: list, name: str, verb: str = "train") -> list:
     """The planned (spec, extra) pairs without an ok / diverged result; says how many."""
-    from qgen_ray.tune_runner import finished_ids
+    from qgen_ray.ray.tune_study import finished_ids
 
     done = finished_ids(store)
     pending = [(s, e) for s, e in plan if s.model_id not in done]
@@ -151,14 +152,15 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     store.check_writable()
     outputs: dict[str, str] = {}
     if "train" in stages:
-        from qgen_ray import tune_runner
+        from qgen_ray.ray.session import init_ray
+        from qgen_ray.ray.tune_study import run_training
 
         data = load_image_data(study.dataset, args.data_root, args.download)
         write_study_record(store, study.describe())
         pending = pending_models(store, plan, study.name)
         if pending:
-            tune_runner.init_ray(args.address)
-            tune_runner.run_training(
+            init_ray(args.address)
+            run_training(
                 store,
                 pending,
                 data,
@@ -171,7 +173,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
         outputs["trials"] = collect_trials(store, study.name, [s.model_id for s, _ in pending])
     for stage in STAGES[1:]:
         if stage in stages:
-            from qgen_ray import stages as stage_impl
+            from qgen_ray.pipeline import followups as stage_impl
 
             outputs[stage] = stage_impl.run_stage(
                 stage, store, args, study.stage_options.get(stage, {})

@@ -4,7 +4,7 @@ compute one loss landscape.
 
 Each job is `fn(store, data, item, device, **kwargs) -> list of table rows` (`data` is
 None for jobs that read their images from disk), looked up by name in `JOBS`;
-`qgen_ray.fanout` runs them on Ray actors, a notebook can call them directly.
+`qgen_ray.ray.fanout` runs them on Ray actors, a notebook can call them directly.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ CORRUPTION_SEED = 0  # seed of on-the-fly corruptions (same images every time)
 
 
 def _plain_model(store: StudyStore, model_id: str, which: str, device: torch.device):
-    """The model as the function it computes: quantizers replaced by w_hat (METHOD §3)."""
+    """The model as the function it computes: quantizers replaced by w_hat (docs/method.md §3)."""
     from qgen_ray.quant import materialize
 
     return materialize(load_model(store.uri, model_id, which)).to(device).eval()
@@ -117,7 +117,7 @@ def corrupt_one(
     corrupt_root: str | None,
 ) -> list[dict]:
     """Loss and accuracy of one model on every corrupted set in `sets`; gap = corrupted
-    loss - clean training loss (METHOD.md §6)."""
+    loss - clean training loss (docs/method.md §6)."""
     dev = resolve_device(device)
     model = load_model(store.uri, item["model_id"], "final").to(dev)
     rows = []
@@ -155,7 +155,7 @@ def corrupt_imagenet_one(
 ) -> list[dict]:
     """`corrupt` for an ImageNet model: every ImageNet-C set in `sets`, read from disk
     (`data` is None) through the eval transform at the model's `image_size`."""
-    from qgen_ray.ddp.corrupt import evaluate_imagenet_c
+    from qgen_ray.imagenet.imagenet_c import evaluate_imagenet_c
 
     dev = resolve_device(device)
     model = load_model(store.uri, item["model_id"], "final").to(dev)
@@ -191,7 +191,7 @@ def landscape_one(
     span: float,
     seed: int,
 ) -> list[dict]:
-    """Filter-normalized 2-D loss surface of one model on its training set (METHOD §5)."""
+    """Filter-normalized 2-D loss surface of one model on its training set (docs/method.md §5)."""
     from qgen_ray.measures import loss_landscape
 
     dev = resolve_device(device)

@@ -21,7 +21,7 @@ from qgen_ray.errors import UserError
 # never granulated-Kendall axes.
 POPULATION_KEYS = ["dataset", "model"]
 
-# The follow-up tables a report uses, by attribute name of `Study`.
+# The follow-up tables a report uses, by attribute name of `StudyTables`.
 OPTIONAL_TABLES = {
     "history": schema.HISTORY,
     "steps": schema.STEPS,
@@ -32,7 +32,7 @@ OPTIONAL_TABLES = {
 
 
 @dataclass
-class Study:
+class StudyTables:
     """A study's tables as read from its folder. Optional tables are None when absent."""
 
     path: Path
@@ -84,7 +84,7 @@ def _read_optional(path: Path) -> pd.DataFrame | None:
     return pd.read_parquet(path) if path.is_file() else None
 
 
-def load_study(study_dir: str | Path) -> Study:
+def load_study(study_dir: str | Path) -> StudyTables:
     """Read `study_dir`. A folder without trials.parquet is a UserError."""
     path = Path(study_dir)
     trials_path = path / schema.TRIALS
@@ -110,7 +110,7 @@ def load_study(study_dir: str | Path) -> Study:
             "lacks: fix the axes list or re-collect the study"
         )
     tables = {name: _read_optional(path / file) for name, file in OPTIONAL_TABLES.items()}
-    return Study(
+    return StudyTables(
         path=path,
         name=str(meta.get("study", path.name)),
         meta=meta,

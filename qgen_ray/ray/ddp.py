@@ -1,7 +1,7 @@
 """The Ray adapter of ImageNet fine-tuning: Ray Train inside Ray Tune (the Ray 2.60 pattern).
 
 One Tune function trial per model (a grid over models x precisions); each trial builds and
-fits a `TorchTrainer` whose workers run `qgen_ray.ddp.loop.finetune` under
+fits a `TorchTrainer` whose workers run `qgen_ray.train.finetune.finetune` under
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs), and forwards rank 0's per-epoch
 metrics to Tune with `TuneReportCallback` (progress line, TensorBoard files). Several
 Train runs share the cluster: Tune starts as many as its free CPUs / GPUs hold.
@@ -27,11 +27,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from qgen_ray import schema
-from qgen_ray.ddp.loop import FinetuneOptions, finetune
 from qgen_ray.errors import UserError
+from qgen_ray.ray.tune_study import MAX_FAILURES, ProgressLine, failed_result, tune_storage
 from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore
-from qgen_ray.tune_runner import MAX_FAILURES, ProgressLine, failed_result, tune_storage
+from qgen_ray.train.finetune import FinetuneOptions, finetune
 
 # The Tune trial only builds the TorchTrainer and waits for it (the Train controller takes
 # 0 CPUs too), so it holds no CPU: a bundle needs some resource, hence a little memory.

@@ -1,4 +1,4 @@
-"""ImageNet-C evaluation of fine-tuned ImageNet models (METHOD.md §6, QGen §4.3).
+"""ImageNet-C evaluation of fine-tuned ImageNet models (docs/method.md §6, QGen §4.3).
 
 The corrupt stage of an ImageNet study (`qgen corrupt <study> --corrupt-root IMAGENET-C
 --data-root IMAGENET`, or `--stages corrupt` of an ImageNet study script) evaluates every
@@ -11,7 +11,8 @@ the published set must be given.
 
 Driver side: `check_imagenet_c` (every requested set readable before any work). Worker
 side: `evaluate_imagenet_c` (one model on one set), called by the `corrupt_imagenet` job
-of `qgen_ray.jobs`, which `qgen_ray.stages.corrupt_study` fans out over the models.
+of `qgen_ray.pipeline.jobs`, which `pipeline.followups.corrupt_study` fans out over the
+models.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import torch
 from torch import nn
 
 from qgen_ray.data.corruption_readers import IMAGENET_C_URL, read_imagenet_c
-from qgen_ray.ddp.imagefolder import check_imagefolder, eval_transform, make_loader
-from qgen_ray.ddp.loop import evaluate_loader, fast_path
 from qgen_ray.errors import UserError
+from qgen_ray.imagenet.imagefolder import check_imagefolder, eval_transform, make_loader
+from qgen_ray.train.finetune import evaluate_loader, fast_path
 
 CORRUPT_BATCH = 128  # images per forward pass of the evaluation (memory only, not results)
 

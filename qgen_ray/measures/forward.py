@@ -34,12 +34,10 @@ class ForwardCounter:
 
 def use_vmap(batched: bool | None, device: torch.device, ascent: bool = False) -> bool:
     """Resolve the `batched` knob: True / False as given; None (auto) vmaps the ascent
-    everywhere and the evaluation on CUDA only.
-
-    Measured on the 2-core CPU of the build machine (digits CNNs): the vmapped ascent
-    (tiny mini-batches, where per-call overhead dominates) was 2-8× faster than the
-    loop, while the vmapped evaluation was 1.5-2.4× slower on large image batches; on a
-    GPU one batched call beats K small kernels for both.
+    everywhere and the evaluation on CUDA only: on a CPU the vmapped ascent (tiny
+    mini-batches, where per-call overhead dominates) beats the loop while the vmapped
+    evaluation of large image batches loses to it (README, "Measured figures"); on a GPU
+    one batched call beats K small kernels for both.
     """
     if batched is not None:
         return bool(batched)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from qgen_ray.measures import folded_weights
-from qgen_ray.measures.evaluate import ForwardCounter, correct_predictions
+from qgen_ray.measures.forward import ForwardCounter, correct_predictions
 from qgen_ray.measures.perturb import FAMILIES, ascend
 
 PAPER_ASCENT = dict(steps=20, batch=128, lr=1e-4)  # QGen App. B.2

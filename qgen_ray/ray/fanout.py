@@ -6,7 +6,7 @@ restarted when their process dies and the task is retried (`ACTOR_RETRIES`), so 
 worker loses nothing; finished rows are flushed to the table at least every `FLUSH_S`
 seconds and at the end, so killing the job loses at most that much work, and a re-run
 skips what the table already holds. The per-item work itself is plain, Ray-free code in
-`qgen_ray.jobs`.
+`qgen_ray.pipeline.jobs`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ FLUSH_S = 5.0  # seconds between table writes while results arrive
 @ray.remote(max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
 class FanOutWorker:
     """Holds the dataset (None for jobs reading from disk) and the store; runs one
-    `qgen_ray.jobs` job per call."""
+    `qgen_ray.pipeline.jobs` job per call."""
 
     def __init__(self, store_uri: str, data_ref: list, device: str, threads: int):
         import torch
@@ -40,7 +40,7 @@ class FanOutWorker:
         self.device = device
 
     def run(self, job: str, item: dict, kwargs: dict) -> tuple[dict, list[dict], str]:
-        from qgen_ray.jobs import JOBS
+        from qgen_ray.pipeline.jobs import JOBS
 
         try:
             rows = JOBS.get(job)(self.store, self.data, item, self.device, **kwargs)

@@ -2,7 +2,7 @@
 `qgen <stage> <study_dir>` and by the study scripts after training.
 
 Each stage reads the trials table, works out what is not yet in its own table, fans the
-rest out over Ray (`qgen_ray.fanout`) and prints where its output is. Stages are
+rest out over Ray (`qgen_ray.ray.fanout`) and prints where its output is. Stages are
 idempotent: a re-run after a kill finishes only what is missing.
 """
 
@@ -74,8 +74,8 @@ def _fan(
 ) -> list[str]:
     """Fan `job` out over `items` with the stage's placement; return the error lines.
     `in_memory=False`: the job reads its images from disk (ImageNet); actors get no dataset."""
-    from qgen_ray.fanout import fan_out
-    from qgen_ray.tune_runner import init_ray
+    from qgen_ray.ray.fanout import fan_out
+    from qgen_ray.ray.session import init_ray
 
     init_ray(place.address)
     data = study_data(trials, place.data_root) if in_memory else None
@@ -209,8 +209,8 @@ def _corrupt_imagenet(
     """The ImageNet half of `corrupt_study`. The flags and the clean classes are checked
     on every call; the ImageNet-C sets (listing their files takes a while) when there is
     work, all of them before any is evaluated."""
-    from qgen_ray.ddp.corrupt import check_imagenet_c
-    from qgen_ray.ddp.imagefolder import loader_workers
+    from qgen_ray.imagenet.imagefolder import loader_workers
+    from qgen_ray.imagenet.imagenet_c import check_imagenet_c
 
     num_classes = {int(n) for n in trials["num_classes"]}
     checked = sets if len(todo) else []
@@ -300,7 +300,9 @@ STAGE_FUNCTIONS = {
 
 
 def placement_from_args(args: argparse.Namespace) -> Placement:
-    """The Placement fields the command line sets (study scripts call GPUs per trial)."""
+    """The Placement fields the command line sets. `qgen measure|corrupt|landscape` name
+    them (`--gpus-per-task`, ...); a study script has only `--gpus-per-trial`, and its
+    follow-up stages give each task that same GPU share (its help says so)."""
     values = {
         f.name: getattr(args, f.name)
         for f in fields(Placement)
