@@ -154,7 +154,9 @@ def test_cifar_that_fails_torchvisions_checksum_is_one_clear_error(tmp_path):
     from tests.support.fixtures import write_cifar_fixture
 
     root = write_cifar_fixture(tmp_path / "cifar")
-    with pytest.raises(UserError, match="integrity check.*re-download it with --download"):
+    with pytest.raises(UserError, match="integrity check") as err:
         load_cifar10(str(root))
-    with pytest.raises(UserError, match="add --download to fetch it there"):
+    assert str(err.value).endswith("; re-download it with --download into an empty folder")
+    with pytest.raises(UserError, match="^cifar10 needs --data-root DIR") as err:
         load_cifar10(None)
+    assert str(err.value).endswith("; add --download to fetch it there")

@@ -41,6 +41,25 @@ def test_every_power_of_two_prefix_takes_one_image_per_margin_slice():
 def test_rejects_strata_that_do_not_slice_the_pool():
     with pytest.raises(ValueError, match="power of two"):
         stratified_positions(torch.zeros(100), 48, torch.Generator())
+    with pytest.raises(ValueError, match="power of two"):  # divides 96, not a power of two
+        stratified_positions(torch.zeros(96), 48, torch.Generator())
+    with pytest.raises(ValueError, match="power of two"):  # a power of two, not dividing
+        stratified_positions(torch.zeros(100), 64, torch.Generator())
+
+
+def test_the_order_is_a_function_of_the_generator_alone():
+    """Same margins and generator seed: the same order (every random draw goes through
+    the generator); another seed: another order."""
+    margins = torch.rand(256, generator=torch.Generator().manual_seed(3))
+
+    def order(seed: int) -> torch.Tensor:
+        return stratified_positions(margins, 32, torch.Generator().manual_seed(seed))
+
+    torch.manual_seed(1)
+    a = order(7)
+    torch.manual_seed(2)  # the global stream must not matter
+    assert torch.equal(a, order(7)) and not torch.equal(a, order(8))
+    assert torch.equal(a.sort().values, torch.arange(256))  # a permutation
 
 
 def _exact_prefix_sd(drops, margins, strata: int, n: int) -> tuple[float, float]:

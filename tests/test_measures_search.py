@@ -10,13 +10,15 @@ counts (same algorithm, larger sizes).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from qgen_ray.measures import compute_measures, folded_weights
 from qgen_ray.measures.forward import CleanPredictions
 from qgen_ray.measures.perturb import FAMILIES
-from qgen_ray.measures.search import FlatnessSearch, crossing_radius, protocol_for
+from qgen_ray.measures.search import FlatnessSearch, crossing_radius, protocol_for, stream_seed
 from tests.support.oracles import fresh_drops
 from tests.support.toy import digits, tiny_cnn, train_tiny
 
@@ -140,15 +142,20 @@ def _written_out_probe(search: FlatnessSearch, radius: float, clean_all) -> tupl
     raise AssertionError("unreachable")
 
 
-@pytest.mark.parametrize("radius", [0.0, 0.04, 0.044, 0.046, 0.048, 0.052, 0.1])
-def test_probe_reads_doubling_looks_and_stops_where_the_rule_says(models, data, radius):
-    """Looks of 8, 16, 32, 64, 128 images (cap 128 of 600): each radius must return the
-    written-out rule's drop and verdict after reading exactly as many images. On this
-    model the radii stop after 8 (too low / too high), 64 (too low) and at the cap (in
-    band / too high)."""
+PROBES = [(128, r) for r in (0.0, 0.04, 0.044, 0.046, 0.048, 0.052, 0.1)] + [
+    (512, r) for r in (0.042, 0.045, 0.047, 0.049)
+]
+
+
+@pytest.mark.parametrize("cap, radius", PROBES)
+def test_probe_reads_doubling_looks_and_stops_where_the_rule_says(models, data, cap, radius):
+    """Looks of 8, 16, 32, ... images up to the cap (128 or 512 of 600; at 512 the finite
+    population correction matters): each radius must return the written-out rule's drop
+    and verdict after reading exactly as many images. On this model the radii stop after
+    8 (too low / too high), 64, 128 or 256 (too low) and at the cap (in band / too high)."""
     from qgen_ray.measures.forward import ForwardCounter, correct_predictions
 
-    protocol = protocol_for("fast", samples=6, first_chunk=8, max_images=128, stratify=False,
+    protocol = protocol_for("fast", samples=6, first_chunk=8, max_images=cap, stratify=False,
                             batched=False, sd_floor=0.05)  # fmt: skip
     model = models[1][0]
     search = _pacbayes_search(model, data, protocol)
@@ -238,3 +245,159 @@ def test_faithful_sharpness_ascends_from_each_restart_with_its_own_batches(model
                            protocol.ascent_lr, ref.counter))  # fmt: skip
     assert got.shape == (3, layout.numel)
     torch.testing.assert_close(got, w + torch.cat(rows), rtol=0, atol=1e-7)
+
+
+def test_protocol_for_checks_its_knobs():
+    from qgen_ray.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        protocol_for("fast", lower=0.0)
+    assert str(err.value) == "a log-space search needs a lower bracket end > 0; set lower=1e-6"
+    assert protocol_for("faithful", lower=0.0).lower == 0.0  # linear bisection may start at 0
+    for knob in ("samples", "restarts", "iterations"):
+        with pytest.raises(UserError) as err:
+            protocol_for("faithful", **{knob: 0})
+        assert str(err.value) == "samples, restarts and iterations must be at least 1"
+    one = protocol_for("faithful", samples=1, restarts=1, iterations=1)
+    assert (one.samples, one.restarts, one.iterations) == (1, 1, 1)
+
+
+def test_stream_seed_is_the_first_8_sha256_bytes_little_endian_halved():
+    import hashlib
+
+    digest = hashlib.sha256(b"3:sharpness").digest()
+    assert stream_seed(3, "sharpness") == int.from_bytes(digest[:8], "little") >> 1
+
+
+def test_directions_and_ascent_batches_come_from_the_familys_own_stream(models, data):
+    """Common random numbers: the K directions are the family's draw from the generator
+    seeded by stream_seed(seed, family), made once; the ascent batches are drawn once too
+    (the next draws of the same stream), so two probes see the same perturbations."""
+    import math
+
+    x, y = data
+    folded, layout, w = folded_weights(models[0][0])
+    clean = CleanPredictions(folded, layout, w, x, y, torch.arange(x.shape[0]))
+    family = FAMILIES["sharpness"]
+    fast = protocol_for("fast", restarts=3, ascent_steps=2, ascent_batch=700, batched=False)
+    search = FlatnessSearch(family, fast, folded, layout, w, x, y, clean, 4)
+    gen = torch.Generator().manual_seed(stream_seed(4, "sharpness"))
+    want = family.directions(3, layout.numel, gen, x.device)
+    assert torch.equal(search.directions(), want) and search.directions() is search.directions()
+    need = 2 * 700
+    perms = [torch.randperm(len(x), generator=gen) for _ in range(math.ceil(need / len(x)))]
+    idx = torch.cat(perms)[:need].reshape(2, 700)
+    batches = search.ascent_batches()
+    assert search.ascent_batches() is batches
+    for (bx, by), i in zip(batches, idx, strict=True):
+        assert torch.equal(bx, x[i]) and torch.equal(by, y[i])
+    first = search.perturbed_weights(0.02)
+    assert torch.equal(first, search.perturbed_weights(0.02))  # the same climb, twice
+
+
+def test_crossing_radius_edge_cases():
+    # a probe exactly at the target counts as "above": the crossing is that probe's radius
+    assert crossing_radius([(0.2, 0.1), (0.1, 0.05)], 0.1) == pytest.approx(0.2)
+    # the closest probes either side at the same radius: out of order, the last probe wins
+    assert crossing_radius([(0.2, 0.05), (0.2, 0.2), (0.3, 0.5)], 0.1) == 0.3
+
+
+def _decider(**knobs) -> _CurveSearch:
+    """A search whose `_decide` uses binary-exact knobs: target 0.5 ± 0.25, z = 2."""
+    return _CurveSearch(None, protocol_for("faithful", target=0.5, tolerance=0.25, z=2.0, **knobs))
+
+
+@pytest.mark.parametrize(
+    "drop, se, verdict",
+    [
+        (0.75, 0.0, "in_band"),  # |drop − target| = tolerance: in the band
+        (0.25, 0.0, "in_band"),
+        (0.8, 0.0, "too_high"),
+        (0.2, 0.0, "too_low"),
+        (0.6, 1.0, None),  # in band but z·SE = 2 > tolerance, and the interval spans it
+        (0.5, 0.125, "in_band"),  # z·SE = tolerance exactly: decided
+        (1.0, 0.25, None),  # drop − z·SE = target exactly: not yet above it
+        (0.0, 0.25, None),  # drop + z·SE = target exactly: not yet below it
+        (1.1, 0.25, "too_high"),
+        (-0.1, 0.25, "too_low"),
+    ],
+)
+def test_decide_at_the_boundaries(drop, se, verdict):
+    assert _decider()._decide(drop, se) == verdict
+
+
+def _search_at(**knobs) -> _CurveSearch:
+    return _CurveSearch(None, protocol_for("fast", **knobs))
+
+
+def test_next_radius_hand_worked():
+    lo, hi = 1e-3, 1e-1
+    mid = math.sqrt(lo * hi)
+    s = _search_at()
+    # secant through (1e-3, 0.01) and (1e-1, 0.4): t = ln(10) / ln(40)
+    t = math.log(10) / math.log(40)
+    secant = math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
+    assert s.next_radius(lo, hi, 0.01, 0.4, 1) == pytest.approx(secant, rel=1e-12)
+    # t clamped into [0.1, 0.9] of the log bracket
+    low_t = math.exp(math.log(lo) + 0.1 * (math.log(hi) - math.log(lo)))
+    high_t = math.exp(math.log(lo) + 0.9 * (math.log(hi) - math.log(lo)))
+    assert s.next_radius(lo, hi, 0.099, 100.0, 1) == pytest.approx(low_t, rel=1e-12)
+    assert s.next_radius(lo, hi, 1e-9, 0.1000001, 1) == pytest.approx(high_t, rel=1e-12)
+    # the geometric midpoint whenever the secant is not trusted
+    for args in [
+        (None, 0.4, 1),  # an end unmeasured
+        (0.01, None, 1),
+        (0.0, 0.4, 1),  # no logarithm of 0
+        (0.4, 0.4, 1),  # not increasing
+        (0.01, 0.4, 2),  # the same end moved twice in a row
+    ]:
+        assert s.next_radius(lo, hi, *args) == pytest.approx(mid, rel=1e-12), args
+    assert s.next_radius(lo, hi, 0.5, 0.9, 1) != pytest.approx(mid)  # 0.5 < 0.9 but > target
+    assert _search_at(interpolate=False).next_radius(lo, hi, 0.01, 0.4, 1) == pytest.approx(mid)
+    linear = _CurveSearch(None, protocol_for("faithful"))
+    assert linear.next_radius(0.5, 1.5, 0.01, 0.4, 1) == 1.0
+
+
+def _replayed_radii(curve, p) -> list[float]:
+    """The bisection of `FlatnessSearch.run` written out from its documentation: probe
+    `next_radius`; too high moves hi (and marks the target overshot), else lo moves up
+    and, while nothing overshot, hi grows to 4 r when 4 r > hi; the secant is refused
+    after the same end moved twice in a row."""
+    lo, hi, lo_d, hi_d, overshot, moves, radii = p.lower, p.upper, None, None, False, [], []
+    probe = _CurveSearch(curve, p)
+    for _ in range(p.iterations):
+        same_twice = len(moves) >= 2 and moves[-1] == moves[-2]
+        r = probe.next_radius(lo, hi, lo_d, hi_d, 2 if same_twice else 1)
+        radii.append(r)
+        drop, verdict = probe.probe(r)
+        if verdict == "in_band":
+            break
+        if verdict == "too_high":
+            hi, hi_d, overshot = r, drop, True
+            moves.append("hi")
+        else:
+            lo, lo_d = r, drop
+            moves.append("lo")
+            if not overshot and 4 * r > hi:
+                hi, hi_d = 4 * r, None
+    return radii
+
+
+@pytest.mark.parametrize(
+    "name, curve",
+    [
+        # steep and convex in log-log: the secant lands short twice (lo moves twice in a
+        # row: r = 0.037, 0.0495), so the next probe is the geometric midpoint 0.0513
+        ("creeping", lambda r: min(1.0, 0.1 * math.exp((r / 0.05 - 1) * 20))),
+        # the first probe already overshoots: lo is still unmeasured
+        ("overshoot-first", lambda r: min(1.0, 0.1 * (r / 1e-4) ** 0.5)),
+        # nothing overshoots at first: the bracket grows past 2
+        ("far", lambda r: min(1.0, 0.1 * (r / 7.0) ** 3)),
+    ],
+)
+def test_fast_bisection_follows_its_rule(name, curve):
+    fast = protocol_for("fast", iterations=25)
+    result = _CurveSearch(curve, fast).run()
+    assert [r for r, _ in result.steps] == pytest.approx(_replayed_radii(curve, fast), rel=1e-12)
+    assert result.converged and abs(curve(result.radius) - 0.1) < 0.011, name
+    assert result.seconds >= 0.0

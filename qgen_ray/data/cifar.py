@@ -47,8 +47,7 @@ def _cifar(variant: str, root: str | None, download: bool) -> ImageData:
                 f"contains {cls.base_folder}, or add --download"
             )
     try:
-        train = cls(root, train=True, download=download)
-        test = cls(root, train=False, download=download)
+        train, test = (cls(root, train=split, download=download) for split in (True, False))
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted"
         raise UserError(
             f"{variant} under {root} failed its integrity check ({err}); "

@@ -33,8 +33,8 @@ def init_codebook(w: torch.Tensor, k: int) -> torch.Tensor:
     (docs/method.md §1.4, "init: quantiles"). Uses a sort, not torch.quantile, which
     refuses tensors > 16M."""
     values = w.detach().flatten().sort().values
-    positions = (torch.arange(k, device=values.device, dtype=torch.float64) + 0.5) / k
-    return values[(positions * values.numel()).long().clamp_(max=values.numel() - 1)]
+    j = torch.arange(k, device=values.device)
+    return values[(2 * j + 1) * values.numel() // (2 * k)]  # floor((j + 1/2) N / k), exact
 
 
 def nearest_representative(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
