@@ -168,3 +168,114 @@ def test_training_equals_a_plain_reference_loop(digits, tmp_path, case):
     for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
         assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
     assert got["num_params"] == want["num_params"]
+
+
+def test_the_row_says_what_ran_where_and_when(digits, tmp_path):
+    """Every column of the contract, checkpoints that exist, the learned steps per layer,
+    wall time inside the call, UTC finish time, this host and the CPU."""
+    import platform
+    import time
+    from datetime import datetime, timezone
+
+    store = StudyStore(str(tmp_path / "s"))
+    spec = _spec(epochs=2)
+    trial = store.trial(spec.model_id)
+    t0 = time.time()
+    result = train(spec, digits, trial)
+    wall = time.time() - t0
+    assert set(schema.TRIALS_COLUMNS) <= set(result)
+    assert result["init_ckpt"] == trial.rel(schema.INIT_CKPT) and trial.has(schema.INIT_CKPT)
+    assert result["final_ckpt"] == trial.rel(schema.FINAL_CKPT) and trial.has(schema.FINAL_CKPT)
+    assert 0 < result["seconds"] <= wall
+    assert all(0 < h["seconds"] <= result["seconds"] for h in result["history"])
+    finished = datetime.fromisoformat(result["finished_at"])
+    assert finished.tzinfo == timezone.utc
+    assert abs(finished.timestamp() - time.time()) < wall + 5
+    assert result["host"] == platform.node() and result["device"] == "cpu"
+    assert result["status"] == "ok" and result["reason"] == ""
+    steps = result["steps"]
+    assert steps and {s["model_id"] for s in steps} == {spec.model_id}
+    assert [s["layer_index"] for s in steps] == list(range(len(steps)))
+    without_store = train(spec, digits)
+    assert "init_ckpt" not in without_store and "final_ckpt" not in without_store
+
+
+def test_qar_row_reports_the_snap(digits):
+    result = train(_spec(method="qar", bits=4, epochs=1), digits)
+    assert result["snap_acc_drop"] == pytest.approx(
+        result["test_acc_before_snap"] - result["test_acc"], abs=1e-12
+    )
+    assert 0.0 <= result["test_acc_before_snap"] <= 1.0 and result["compression_ratio"] > 1.0
+
+
+def test_last_checkpoint_every_k_epochs_and_after_the_last(digits, tmp_path):
+    """checkpoint_every=2 over 5 epochs: last.pt after epochs 2, 4 and 5; each epoch's
+    report carries the kept epoch so far."""
+    from qgen_ray.spec import RunOptions
+
+    store = StudyStore(str(tmp_path / "s"))
+    spec = _spec(epochs=5)
+    trial = store.trial(spec.model_id)
+    seen = []
+
+    def report(metrics):
+        last = trial.load(schema.LAST_CKPT)["epoch"] if trial.has(schema.LAST_CKPT) else None
+        seen.append((metrics["epoch"], last, metrics["best_epoch"]))
+
+    result = train(spec, digits, trial, RunOptions(checkpoint_every=2), report=report)
+    assert [(e, last) for e, last, _ in seen] == [(1, None), (2, 2), (3, 2), (4, 4), (5, 5)]
+    best = [min(result["history"][:e], key=lambda h: h["train_loss"])["epoch"] for e in range(1, 6)]
+    assert [b for *_, b in seen] == best
+
+
+def test_quantizer_parameters_get_no_weight_decay(digits):
+    """Two groups: the network's parameters with the spec's weight decay, the LSQ steps
+    with none (ours, as in most LSQ implementations)."""
+    from qgen_ray.quant import quantizer_parameters
+    from qgen_ray.train.build import build_model
+    from qgen_ray.train.loop import make_optimizer
+
+    spec = _spec(optimizer="sgd", weight_decay=5e-4)
+    model = build_model(spec, 10, 1, 16)
+    net, quant = make_optimizer(spec, model).param_groups
+    steps = {id(p) for p in quantizer_parameters(model)}
+    assert steps and {id(p) for p in quant["params"]} == steps
+    assert quant["weight_decay"] == 0.0 and net["weight_decay"] == 5e-4
+    assert not steps & {id(p) for p in net["params"]}
+
+
+def test_the_regularizer_sees_the_fraction_of_training_done(digits, monkeypatch):
+    """progress = (steps done) / (all steps), step by step: 320 images in batches of 64
+    are 5 steps per epoch, so 2 epochs pass 0, 0.1, ..., 0.9 (VVTQ's ramp reads it)."""
+    from qgen_ray.quant import QuantTerms
+
+    seen = []
+    real = QuantTerms.regularizer
+
+    def recording(self, progress, weight=None):
+        seen.append(progress)
+        return real(self, progress, weight)
+
+    monkeypatch.setattr(QuantTerms, "regularizer", recording)
+    train(_spec(epochs=2), digits)
+    assert seen == pytest.approx([i / 10 for i in range(10)])
+
+
+@pytest.mark.parametrize("schedule", ["multistep", "cosine"])
+def test_schedules(schedule, digits):
+    from qgen_ray.train.build import build_model
+    from qgen_ray.train.loop import make_optimizer, make_scheduler
+
+    spec = _spec(optimizer="sgd", lr=0.1, epochs=4, milestones=(1, 3), gamma=0.5,
+                 lr_schedule=schedule)  # fmt: skip
+    optimizer = make_optimizer(spec, build_model(spec, 10, 1, 16))
+    scheduler = make_scheduler(spec, optimizer)
+    rates = []
+    for _ in range(spec.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    if schedule == "multistep":
+        assert rates == pytest.approx([0.1, 0.05, 0.05, 0.025])
+    else:  # lr (1 + cos(pi e / E)) / 2 at epoch e = 0..E-1
+        assert rates == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
