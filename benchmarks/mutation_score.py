@@ -2,6 +2,12 @@
 
     python benchmarks/mutation_score.py [--survivors]
 
+Two scores per module: `raw` = killed / all mutants run, and `score` = killed / (all
+run − equivalent), the textbook mutation score, where the equivalent mutants are the ones
+docs/mutation.md lists by name, each with the reason no test can tell it from the code
+(e.g. a device argument on a CPU-only machine). A listed mutant that a test now kills
+counts as killed; a survivor not listed is printed as unexplained.
+
 Reads `mutmut results --all true` (one line per mutant, `<module>.<function>__mutmut_<n>:
 <status>`, as mutmut 3.8.1's `results` command prints it), groups the mutants by module
 and prints killed / survived and the score. A mutant that timed out or crashed the test
@@ -28,6 +34,15 @@ SURVIVED = {"survived", "no tests", "suspicious"}
 NOT_RUN = {"not checked", "skipped", "check was interrupted by user"}
 
 
+EQUIVALENTS_DOC = Path(__file__).resolve().parents[1] / "docs" / "mutation.md"
+LISTED = re.compile(r"`([\w.ǁ]+__mutmut_\d+)`")
+
+
+def listed_equivalents(doc: Path = EQUIVALENTS_DOC) -> set[str]:
+    """Mutant names written in backticks in docs/mutation.md."""
+    return set(LISTED.findall(doc.read_text(encoding="utf-8"))) if doc.exists() else set()
+
+
 def module_of(name: str) -> str:
     match = FUNCTION.search(name)
     return name[: match.start()] if match else name
@@ -41,31 +56,37 @@ def main(argv: list[str] | None = None) -> int:
     out = subprocess.run(
         [str(mutmut), "results", "--all", "true"], capture_output=True, text=True, check=True
     ).stdout
+    equivalent = listed_equivalents()
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    survivors = []
+    unexplained = []
     for line in out.splitlines():
         match = LINE.match(line)
         if not match:
             continue
         module, status = module_of(match["name"]), match["status"]
         kind = "killed" if status in KILLED else "survived" if status in SURVIVED else "not run"
+        if kind == "survived" and match["name"] in equivalent:
+            kind = "equivalent"
         counts[module][kind] += 1
         if kind == "survived":
-            survivors.append(line.strip())
-    total = collections.Counter()
-    print(f"{'module':40s} {'killed':>7s} {'survived':>8s} {'not run':>7s} {'score':>6s}")
-    for module in sorted(counts):
-        c = counts[module]
-        total.update(c)
-        tested = c["killed"] + c["survived"]
-        score = f"{100 * c['killed'] / tested:.1f}%" if tested else "–"
-        print(f"{module:40s} {c['killed']:7d} {c['survived']:8d} {c['not run']:7d} {score:>6s}")
-    tested = total["killed"] + total["survived"]
-    if tested:
-        print(f"{'all':40s} {total['killed']:7d} {total['survived']:8d} {total['not run']:7d} "
-              f"{100 * total['killed'] / tested:5.1f}%")  # fmt: skip
+            unexplained.append(line.strip())
+    total: collections.Counter = collections.Counter()
+    head = ("module", "killed", "equiv.", "unexpl.", "not run", "raw", "score")
+    print(f"{head[0]:36s} {head[1]:>7s} {head[2]:>7s} {head[3]:>7s} {head[4]:>7s} "
+          f"{head[5]:>6s} {head[6]:>6s}")  # fmt: skip
+    for module in sorted(counts) + ["all"]:
+        c = total if module == "all" else counts[module]
+        if module != "all":
+            total.update(c)
+        run = c["killed"] + c["equivalent"] + c["survived"]
+        raw = f"{100 * c['killed'] / run:.1f}%" if run else "–"
+        decidable = run - c["equivalent"]
+        score = f"{100 * c['killed'] / decidable:.1f}%" if decidable else "–"
+        print(f"{module:36s} {c['killed']:7d} {c['equivalent']:7d} {c['survived']:7d} "
+              f"{c['not run']:7d} {raw:>6s} {score:>6s}")  # fmt: skip
     if args.survivors:
-        print("\n".join(survivors))
+        print("\nsurvivors not listed as equivalent in docs/mutation.md:")
+        print("\n".join(unexplained) or "(none)")
     return 0
 
 

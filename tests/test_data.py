@@ -145,6 +145,8 @@ def test_each_cifar_variant_reads_its_labels_classes_and_statistics(tmp_path, mo
     loader = {"cifar10": cifar.load_cifar10, "cifar100": cifar.load_cifar100}[variant]
     again = loader(str(root))
     assert again.name == variant and torch.equal(again.test_x, data.test_x)
+    with pytest.raises(UserError, match="missing or incomplete"):  # never downloads unasked
+        loader(str(tmp_path / "nowhere"))
 
 
 def test_cifar_that_fails_torchvisions_checksum_is_one_clear_error(tmp_path):

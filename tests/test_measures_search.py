@@ -231,20 +231,24 @@ def test_faithful_sharpness_ascends_from_each_restart_with_its_own_batches(model
     def search():
         return FlatnessSearch(family, protocol, folded, layout, w, x, y, clean, 5)
 
-    got = search().perturbed_weights(0.05)
+    searching = search()
+    got = searching.perturbed_weights(0.05)
+    again = searching.perturbed_weights(0.05)  # the next step: fresh starts and batches
     ref = search()
     half_width = family.scale(0.05, w)
-    u = half_width * ref.directions()
     need = protocol.ascent_steps * protocol.ascent_batch
-    rows = []
-    for j in range(3):
-        perms = [torch.randperm(len(x), generator=ref.gen) for _ in range(math.ceil(need / len(x)))]
-        idx = torch.cat(perms)[:need].reshape(protocol.ascent_steps, protocol.ascent_batch)
-        batches = [(x[i], y[i]) for i in idx]
-        rows.append(ascend(folded, layout, w, u[j : j + 1], half_width, batches,
-                           protocol.ascent_lr, ref.counter))  # fmt: skip
-    assert got.shape == (3, layout.numel)
-    torch.testing.assert_close(got, w + torch.cat(rows), rtol=0, atol=1e-7)
+    for step in (got, again):
+        u = half_width * ref.directions()
+        rows = []
+        for j in range(3):
+            perms = [torch.randperm(len(x), generator=ref.gen)
+                     for _ in range(math.ceil(need / len(x)))]  # fmt: skip
+            idx = torch.cat(perms)[:need].reshape(protocol.ascent_steps, protocol.ascent_batch)
+            batches = [(x[i], y[i]) for i in idx]
+            rows.append(ascend(folded, layout, w, u[j : j + 1], half_width, batches,
+                               protocol.ascent_lr, ref.counter))  # fmt: skip
+        assert step.shape == (3, layout.numel)
+        torch.testing.assert_close(step, w + torch.cat(rows), rtol=0, atol=1e-7)
 
 
 def test_protocol_for_checks_its_knobs():
@@ -400,4 +404,4 @@ def test_fast_bisection_follows_its_rule(name, curve):
     result = _CurveSearch(curve, fast).run()
     assert [r for r, _ in result.steps] == pytest.approx(_replayed_radii(curve, fast), rel=1e-12)
     assert result.converged and abs(curve(result.radius) - 0.1) < 0.011, name
-    assert result.seconds >= 0.0
+    assert 0.0 <= result.seconds < 60.0

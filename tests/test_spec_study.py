@@ -84,26 +84,6 @@ def test_smoke_is_a_corner_of_the_grid():
     assert len(study.smoke().plan()) == 4 and all(s.epochs == 1 for s in study.smoke().specs())
 
 
-def test_every_optimizer_name_has_a_builder_and_no_other_falls_through():
-    from dataclasses import replace
-
-    import torch
-
-    from qgen_ray.spec import OPTIMIZERS
-    from qgen_ray.train import make_optimizer
-    from qgen_ray.train.loop import OPTIMIZER_BUILDERS
-
-    assert sorted(OPTIMIZER_BUILDERS) == sorted(OPTIMIZERS)
-    model = torch.nn.Linear(2, 2)
-    spec = TrainSpec(dataset="digits", model="nin")
-    expected = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
-    for name, cls in expected.items():
-        assert type(make_optimizer(replace(spec, optimizer=name), model)).__name__ == cls
-    object.__setattr__(spec, "optimizer", "lion")  # past the spec's own check
-    with pytest.raises(UserError, match="unknown optimizer 'lion'; valid names: sgd"):
-        make_optimizer(spec, model)
-
-
 @pytest.mark.parametrize(
     "declaration, fragment",
     [

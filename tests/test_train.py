@@ -1,4 +1,5 @@
-"""The Ray-free training function: seeded, resumable, honest about divergence."""
+"""The Ray-free training function (seeded, resumable, honest about divergence) and the
+epoch protocol it shares with the fine-tuning loop (`train.epochs.EpochRecord`)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,16 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from qgen_ray import load_model, schema
 from qgen_ray.data import load_image_data
+from qgen_ray.errors import UserError
 from qgen_ray.pipeline.collect import collect
 from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore
 from qgen_ray.train import evaluate, train
+from qgen_ray.train.epochs import EpochRecord, cpu_state, device_label, kept_metrics
 from tests.support.oracles import reference_training
 
 METRICS = ["train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "gap_acc", "best_epoch"]
@@ -64,7 +68,9 @@ def test_resumed_run_equals_uninterrupted_run(digits, tmp_path):
     train(TrainSpec.from_dict({**spec.to_dict(), "epochs": 2}), digits, trial)  # "killed" at 2
     ckpt = trial.load(schema.LAST_CKPT)
     assert ckpt["epoch"] == 2
-    resumed = train(spec, digits, trial)
+    trained = []
+    resumed = train(spec, digits, trial, report=lambda m: trained.append(m["epoch"]))
+    assert trained == [3, 4]  # continued from last.pt, epochs 1-2 not trained again
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
     assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]]
     # the rate each epoch trained at: the milestone at 3 lowers it from epoch 4 on
@@ -100,6 +106,15 @@ def test_final_checkpoint_holds_the_lowest_training_loss_epoch_not_the_last(digi
 def test_non_finite_loss_marks_the_run_diverged(digits):
     result = train(_spec(method="fp32", bits=32, optimizer="sgd", lr=1e12), digits)
     assert result["status"] == "diverged" and "non-finite" in result["reason"]
+    assert result["steps"] == [] and math.isnan(result["test_acc"]) and result["best_epoch"] == 0
+
+
+def test_resolve_device():
+    from qgen_ray.train.loop import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto") == torch.device(want)
 
 
 def test_store_round_trip_gives_the_trained_model(digits, tmp_path):
@@ -279,3 +294,130 @@ def test_schedules(schedule, digits):
         assert rates == pytest.approx([0.1, 0.05, 0.05, 0.025])
     else:  # lr (1 + cos(pi e / E)) / 2 at epoch e = 0..E-1
         assert rates == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)])
+
+
+def test_every_optimizer_name_has_a_builder_and_no_other_falls_through():
+    from dataclasses import replace
+
+    import torch
+
+    from qgen_ray.spec import OPTIMIZERS
+    from qgen_ray.train import make_optimizer
+    from qgen_ray.train.loop import OPTIMIZER_BUILDERS
+
+    assert sorted(OPTIMIZER_BUILDERS) == sorted(OPTIMIZERS)
+    model = torch.nn.Linear(2, 2)
+    spec = TrainSpec(dataset="digits", model="nin")
+    expected = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}
+    for name, cls in expected.items():
+        assert type(make_optimizer(replace(spec, optimizer=name), model)).__name__ == cls
+    object.__setattr__(spec, "optimizer", "lion")  # past the spec's own check
+    with pytest.raises(
+        UserError, match="^unknown optimizer 'lion'; valid names: sgd, adam, adamw, rmsprop$"
+    ):
+        make_optimizer(spec, model)
+
+
+# -- the epoch protocol on its own (train.epochs.EpochRecord) ----------------------------
+
+
+def _parts(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[2], gamma=0.1)
+    return model, optimizer, scheduler
+
+
+def test_the_kept_epoch_is_the_first_lowest_training_loss():
+    model, *_ = _parts()
+    record = EpochRecord()
+    for epoch, loss in enumerate([0.9, 0.5, 0.7, 0.5, 0.6], 1):
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # the weights of epoch e are all e
+        record.observe({"epoch": epoch, "train_loss": loss}, model)
+    assert (record.best_epoch, record.best_loss, record.epoch) == (2, 0.5, 5)  # tie: earlier
+    assert torch.equal(record.best["weight"], torch.full((2, 3), 2.0))  # a copy, not a view
+    assert [h["epoch"] for h in record.history] == [1, 2, 3, 4, 5]
+    fresh, _, _ = _parts(1)
+    assert record.load_kept(fresh) and torch.equal(fresh.weight, torch.full((2, 3), 2.0))
+    assert not EpochRecord().load_kept(fresh)
+
+
+def test_cpu_state_is_a_copy():
+    model, *_ = _parts()
+    state = cpu_state(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not torch.equal(state["weight"], model.weight) and state["weight"].device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "every, epochs, due",
+    [(1, 3, [1, 2, 3]), (2, 5, [2, 4, 5]), (3, 3, [3]), (4, 2, [2])],
+)
+def test_checkpoint_due(every, epochs, due):
+    record = EpochRecord()
+    got = []
+    for epoch in range(1, epochs + 1):
+        record.epoch = epoch
+        if record.checkpoint_due(every, epochs):
+            got.append(epoch)
+    assert got == due
+
+
+def test_last_pt_round_trip_restores_the_whole_state(tmp_path):
+    trial = StudyStore(str(tmp_path / "s")).trial("m")
+    model, optimizer, scheduler = _parts()
+    record, extra = EpochRecord.start(trial, model, optimizer, scheduler)
+    assert extra == {} and record == EpochRecord() and trial.has(schema.INIT_CKPT)
+    init = trial.load(schema.INIT_CKPT)
+    assert torch.equal(init["weight"], model.weight)
+    for epoch in (1, 2):
+        model(torch.ones(4, 3)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        record.observe({"epoch": epoch, "train_loss": 1.0 / epoch}, model)
+    record.save_last(trial, model, optimizer, scheduler, generator=torch.tensor([7]))
+
+    model2, optimizer2, scheduler2 = _parts(seed=5)
+    resumed, extra = EpochRecord.start(trial, model2, optimizer2, scheduler2)
+    assert torch.equal(extra["generator"], torch.tensor([7])) and set(extra) == {"generator"}
+    assert (resumed.epoch, resumed.best_epoch, resumed.resumed_from) == (2, 2, 2)
+    assert resumed.history == record.history and resumed.best_loss == 0.5
+    assert torch.equal(model2.weight, model.weight)
+    assert optimizer2.state_dict()["state"][0]["momentum_buffer"].equal(
+        optimizer.state_dict()["state"][0]["momentum_buffer"]
+    )
+    assert scheduler2.state_dict() == scheduler.state_dict()
+    assert torch.equal(trial.load(schema.INIT_CKPT)["weight"], init["weight"])  # not rewritten
+
+
+def test_no_init_checkpoint_when_told_not_to(tmp_path):
+    trial = StudyStore(str(tmp_path / "s")).trial("m")
+    record, _ = EpochRecord.start(trial, *_parts(), write_init=False)
+    assert record.epoch == 0 and not trial.has(schema.INIT_CKPT)
+    assert EpochRecord.start(None, *_parts())[0] == EpochRecord()
+
+
+def test_the_shared_row():
+    spec = TrainSpec(dataset="digits", model="nin", width=1, depth=2, epochs=3)
+    model, *_ = _parts()
+    record = EpochRecord()
+    record.observe({"epoch": 1, "train_loss": 0.4}, model)
+    row = record.row(spec, "ok", "", model, torch.device("cpu"))
+    assert (row["model_id"], row["status"], row["best_epoch"], row["epochs_run"]) == (
+        spec.model_id, "ok", 1, 1)  # fmt: skip
+    assert all(math.isnan(row[k]) for k in ("train_loss", "test_acc", "gap_loss", "gap_acc"))
+    assert row["num_params"] == 8 and row["device"] == "cpu" and row["steps"] == []
+    assert row["history"] == [{"model_id": spec.model_id, "epoch": 1, "train_loss": 0.4}]
+    assert row["spec"] == spec.to_dict() and "torch_version" in row and row["host"]
+    assert device_label(torch.device("cpu")) == "cpu"
+
+
+def test_kept_metrics_gaps():
+    m = kept_metrics((0.5, 0.9), (0.75, 0.8))
+    assert m == {
+        "train_loss": 0.5, "train_acc": 0.9, "test_loss": 0.75, "test_acc": 0.8,
+        "gap_loss": 0.25, "gap_acc": pytest.approx(0.1),
+    }  # fmt: skip
