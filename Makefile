@@ -48,8 +48,8 @@ test-stats: $(STAMP)
 	done; done
 
 # Mutation testing of the science's core ([tool.mutmut] in pyproject.toml; not part of
-# `make test`, it takes long): prints the score per module. No full run yet: the
-# survivors' explanations (docs/mutation.md) are still to be written from the first one.
+# `make test`, ~40 min from scratch): prints the score per module, counting out the
+# equivalent mutants docs/mutation.md lists (with --survivors: any survivor it does not).
 mutate: $(STAMP)
 	$(PY) -m pip install --quiet "mutmut==3.8.1"
 	$(VENV)/bin/mutmut run --max-children 2 || true

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-LINE = re.compile(r"^\s*(?P<name>\S+)__mutmut_\d+:\s*(?P<status>.+?)\s*$")
+LINE = re.compile(r"^\s*(?P<mutant>(?P<name>\S+)__mutmut_\d+):\s*(?P<status>.+?)\s*$")
 # mutmut's function part of a name starts with "x_" (function) or "xǁ" (method)
 FUNCTION = re.compile(r"\.(x_|xǁ)")
 KILLED = {"killed", "timeout", "segfault", "caught by type check"}
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module, status = module_of(match["name"]), match["status"]
         kind = "killed" if status in KILLED else "survived" if status in SURVIVED else "not run"
-        if kind == "survived" and match["name"] in equivalent:
+        if kind == "survived" and match["mutant"] in equivalent:
             kind = "equivalent"
         counts[module][kind] += 1
         if kind == "survived":

@@ -103,6 +103,8 @@ def test_common_random_numbers_and_antithetic_directions(models, data):
     search = _pacbayes_search(models[0][0], data, fast)
     d = search.directions()
     assert torch.equal(d[3:], -d[:3]) and search.directions() is d  # drawn once (CRN)
+    twin = _pacbayes_search(models[0][0], data, fast)
+    assert torch.equal(twin.directions(), d)  # from the seeded stream, not the global one
     paper = _pacbayes_search(models[0][0], data, protocol_for("faithful"))
     assert not torch.equal(paper.directions(), paper.directions())  # fresh every step
 
