@@ -1,4 +1,4 @@
-"""The seed-002 quantization-aware regularizer on CIFAR-10 (AlexNet, VGG-16; docs/method.md §1).
+"""QAR (Malchiodi et al. 2026) on CIFAR-10 (AlexNet, VGG-16; docs/method.md §1).
 
 Each model trains in full precision with the clustering penalty pulling weights toward
 2^b learnable representatives per layer, then every weight is snapped to its nearest

@@ -1,4 +1,4 @@
-"""The seed-002 quantization-aware regularizer: codebook init, the nearest-representative
+"""QAR (Malchiodi et al. 2026): codebook init, the nearest-representative
 speed trick against the brute-force min, the penalty, the snap and its evaluation."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A CIFAR-sized AlexNet (Krizhevsky et al. 2012): 5 convs + 3 fully connected layers.
 
-The QAR benchmark (seed 002) names "AlexNet on CIFAR-10" without the layer table, so
+The QAR benchmark (Malchiodi et al. 2026) names "AlexNet on CIFAR-10" without the layer table, so
 this is the common CIFAR-10 adaptation: torchvision's channel plan (64, 192, 384, 256,
 256) with 3x3 kernels and a stride-2 first conv, three 2x2 max pools, then an adaptive
 average pool to 2x2 (so any input size works; a no-op on 32x32 inputs) and the

@@ -1,5 +1,5 @@
 """Weight quantization for quantization-aware training: LSQ (Esser et al. 2020), VVTQ-style
-ViT quantization (Huang et al. 2023) and the seed-002 quantization-aware regularizer, behind
+ViT quantization (Huang et al. 2023) and QAR (Malchiodi et al. 2026), behind
 one entry point, `quantize_model(model, bits, method, policy)`.
 
 Typical training use:

@@ -7,7 +7,7 @@ which loss term (with which weight schedule) it adds to training.
           a timm fused `qkv` gets separate q/k/v steps. On a model without a fused qkv
           (a CNN) it is exactly that minus the q/k/v split: per-layer LSQ with MSE init
           and the bin regularizer (our fallback; VVTQ itself is defined for ViTs)
-    qar   seed-002 quantization-aware regularizer: learnable per-layer codebook of 2^b
+    qar   the regularizer of Malchiodi et al. 2026: learnable per-layer codebook of 2^b
           representatives, clustering penalty with weight QAR_LAMBDA, snap after training
 """
 

@@ -1,4 +1,4 @@
-"""The quantization-aware regularizer of seed 002 (Malchiodi et al. 2026), as reconstructed in
+"""The quantization-aware regularizer of Malchiodi et al. 2026, as reconstructed in
 docs/method.md §1 from its abstract: per layer, k = 2^b learnable representatives c pull the
 weights into clusters during training; afterwards every weight is snapped to its nearest
 representative.
@@ -48,12 +48,12 @@ def nearest_representative(w: torch.Tensor, codebook: torch.Tensor) -> torch.Ten
 
 
 def cluster_penalty(w: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """R_l = mean_i min_j (w_i - c_j)^2 (docs/method.md §1, seed-002 reconstruction)."""
+    """R_l = mean_i min_j (w_i - c_j)^2 (docs/method.md §1.4)."""
     return (w - nearest_representative(w, codebook)).pow(2).mean()
 
 
 class CodebookQuantizer(WeightQuantizer):
-    """k = 2^bits learnable representatives `codebook` for one layer (seed 002)."""
+    """k = 2^bits learnable representatives `codebook` for one layer (QAR)."""
 
     def __init__(self, bits: int):
         super().__init__(bits)

@@ -1,5 +1,6 @@
-"""After QAR training (seed 002): snap every weight to its layer's nearest representative
-and report accuracy before and after the snap together with the compression ratio."""
+"""After QAR training (Malchiodi et al. 2026): snap every weight to its layer's nearest
+representative and report accuracy before and after the snap together with the
+compression ratio."""
 
 from __future__ import annotations
 
