@@ -121,6 +121,7 @@ class RunOptions:
 
     device: str = "auto"  # "auto" = cuda when available, else cpu
     checkpoint_every: int = 1  # epochs between resumable checkpoints (last.pt)
+    dtype: str = "float32"  # "float32" | "float64" (reproducible: thread-count independent)
 
 
 def row_header(spec: TrainSpec, status: str, reason: str = "") -> dict:

@@ -79,6 +79,13 @@ def parser(study: Study) -> argparse.ArgumentParser:
         "default: generate the corruptions on the fly",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float64"],
+        help="float32 (default) | float64: the reproducible mode, whose numbers do not move "
+        "with the CPU thread count (slower)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
@@ -164,7 +171,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
                 store,
                 pending,
                 data,
-                RunOptions(device=args.device),
+                RunOptions(device=args.device, dtype=args.dtype),
                 cpus,
                 gpus,
                 already_done=len(plan) - len(pending),

@@ -25,10 +25,11 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    first = next(model.parameters())
+    device, dtype = first.device, first.dtype
     total_loss, correct = 0.0, 0
     for i in range(0, len(x), batch_size):
-        xb = normalize(x[i : i + batch_size].to(device))
+        xb = normalize(x[i : i + batch_size].to(device)).to(dtype)
         yb = y[i : i + batch_size].to(device)
         logits = model(xb)
         total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
