@@ -53,6 +53,19 @@ def test_demo_smoke_trains_every_precision(tmp_path):
     assert len(tb) >= 4  # TensorBoard files for every trial
 
 
+def test_dtype_flag_reaches_every_trial(tmp_path):
+    """--dtype float64 (the reproducible mode) travels through Tune into each trial and
+    the row says what the model was computed in."""
+    demo = str(REPO / "studies" / "demo.py")
+    store = tmp_path / "results"
+    out = _run([demo, "--smoke", "--storage", str(store), "--stages", "train", "--quiet",
+                "--dtype", "float64"])  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = pd.read_parquet(store / "demo-smoke" / schema.TRIALS)
+    assert len(trials) == 4 and (trials["dtype"] == "float64").all()
+    assert (trials["status"] == "ok").all()
+
+
 RESUME_SCRIPT = """
 from qgen_ray.pipeline.study import Study
 from qgen_ray.pipeline.study_cli import main

@@ -10,6 +10,7 @@ it); a trial whose process dies is retried by Tune (`MAX_FAILURES`) and resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from datetime import datetime, timezone
@@ -139,7 +140,7 @@ def run_training(
             "spec": spec.to_dict(),
             "extra": extra,
             "store": store.uri,
-            "options": {"device": options.device, "checkpoint_every": options.checkpoint_every},
+            "options": dataclasses.asdict(options),  # every RunOptions field reaches train
             "cpus": cpus_per_trial,
             "model_id": spec.model_id,
         }

@@ -236,6 +236,7 @@ def finish_row(
         "num_classes": data.num_classes,
         "in_channels": data.in_channels,
         "image_size": data.image_size,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         **kept_columns,
     }
     if store is not None:
