@@ -7,8 +7,9 @@ Typical training use:
     model = quantize_model(build(...), bits=4, method="lsq")      # before DDP
     groups = [{"params": others, "weight_decay": wd},
               {"params": quantizer_parameters(model), "weight_decay": 0.0}]
-    loss = ce + quant_regularizer(model, progress=epoch_fraction)
-    loss.backward(); optimizer.step(); clamp_steps_(model)
+    terms = QuantTerms(model)                                       # once per model
+    loss = ce + terms.regularizer(progress=epoch_fraction)         # every step
+    loss.backward(); optimizer.step(); terms.clamp_steps_()
 
 Measures call `materialize(model)` (plain layers holding w_hat) and `step_sizes(model)`.
 """

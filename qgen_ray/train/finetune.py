@@ -42,6 +42,7 @@ from qgen_ray.imagenet.imagefolder import (
     loader_workers,
     make_loader,
 )
+from qgen_ray.quant import QuantTerms
 from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore, TrialStore
 from qgen_ray.train.build import build_model
@@ -125,8 +126,6 @@ def train_epoch(
     summed over all ranks (mean loss = loss_sum / images), the seconds it took, and (with
     `keep_indices`) the dataset indices this rank trained on. `terms`: the model's
     `QuantTerms` (built here when not given)."""
-    from qgen_ray.quant import QuantTerms
-
     terms = terms or QuantTerms(model)
     model.train()
     t0 = time.time()
@@ -207,7 +206,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     record: EpochRecord
-    terms: object
+    terms: QuantTerms
 
 
 def _start(
@@ -215,8 +214,6 @@ def _start(
 ) -> _Run:
     """The model from pretrained weights, quantized; or the state of `last.pt` when the
     run was interrupted (then the weights file is not read again)."""
-    from qgen_ray.quant import QuantTerms
-
     resume = trial.has(schema.LAST_CKPT)
     torch.manual_seed(spec.seed)
     model = build_model(
