@@ -114,7 +114,7 @@ def tune_overhead(trials: int) -> tuple[float, float]:
         t0 = time.time()
         run_training(
             store,
-            [(s, {}) for s in specs],
+            [[(s, {})] for s in specs],
             data,
             RunOptions(device="cpu"),
             1.0,

@@ -12,10 +12,20 @@ import torch
 from qgen_ray import load_model, schema
 from qgen_ray.data import load_image_data
 from qgen_ray.errors import UserError
+from qgen_ray.pipeline.study_cli import pack_size
 from qgen_ray.spec import RunOptions, TrainSpec
 from qgen_ray.store import StudyStore
 from qgen_ray.train import train
-from qgen_ray.train.pack import check_packable, check_sequential, pack_id, train_pack
+from qgen_ray.train.pack import (
+    AUTO_PACK,
+    check_pack_models,
+    check_packable,
+    check_sequential,
+    form_packs,
+    pack_id,
+    train_pack,
+)
+from tests.support.compare import assert_same_checkpoints, assert_trained_alike
 
 F64 = RunOptions(dtype="float64")
 
@@ -41,21 +51,6 @@ MIXED = [
     _spec(method="lsq", bits=4, optimizer="rmsprop", lr=5e-4, weight_decay=5e-4, seed=2),
     _spec(method="lsq", bits=2, optimizer="sgd", lr=0.1, weight_decay=0.0, seed=3),
 ]
-ROW_KEYS = ["train_loss", "train_acc", "test_loss", "test_acc", "gap_loss", "best_epoch"]
-
-
-def _assert_member_equals_alone(packed: dict, alone: dict, rel: float) -> None:
-    assert packed["model_id"] == alone["model_id"] and packed["status"] == alone["status"]
-    assert len(packed["history"]) == len(alone["history"])
-    for p, a in zip(packed["history"], alone["history"], strict=True):
-        for key in ("train_loss", "train_acc", "lr"):
-            assert p[key] == pytest.approx(a[key], rel=rel, abs=rel), (p["epoch"], key)
-    for key in ROW_KEYS:
-        assert packed[key] == pytest.approx(alone[key], rel=rel, abs=rel), key
-    steps = [(s["layer"], s["step"]) for s in packed["steps"]]
-    want = [(s["layer"], s["step"]) for s in alone["steps"]]
-    assert [name for name, _ in steps] == [name for name, _ in want]
-    assert [v for _, v in steps] == pytest.approx([v for _, v in want], rel=rel)
 
 
 def test_every_member_equals_its_spec_trained_alone_in_float64(digits, tmp_path):
@@ -65,13 +60,8 @@ def test_every_member_equals_its_spec_trained_alone_in_float64(digits, tmp_path)
     for spec, row in zip(MIXED, rows, strict=True):
         alone_trial = alone_store.trial(spec.model_id)
         alone = train(spec, digits, alone_trial, F64)
-        _assert_member_equals_alone(row, alone, rel=1e-9)
-        trial = store.trial(spec.model_id)
-        for which in (schema.INIT_CKPT, schema.FINAL_CKPT):
-            got, want = trial.load(which), alone_trial.load(which)
-            assert got.keys() == want.keys()
-            for name in got:
-                torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-12)
+        assert_trained_alike(row, alone, rel=1e-9)
+        assert_same_checkpoints(store.trial(spec.model_id), alone_trial, rtol=1e-9)
         assert row["pack_id"] == pack_id(MIXED) and row["pack_size"] == 4
 
 
@@ -119,7 +109,7 @@ def test_a_diverging_member_stops_alone(digits):
     assert math.isnan(rows[1]["test_acc"])
     calm = train_pack([MIXED[1], MIXED[3]], digits, options=F64)
     for got, want in zip([rows[0], rows[2]], calm, strict=True):
-        _assert_member_equals_alone(got, want, rel=1e-12)
+        assert_trained_alike(got, want, rel=1e-12)
 
 
 def test_a_killed_pack_resumes_every_member_from_its_own_last_epoch(digits, tmp_path):
@@ -141,7 +131,7 @@ def test_a_killed_pack_resumes_every_member_from_its_own_last_epoch(digits, tmp_
     a, b = (s.model_id for s in full)
     assert trained == [(a, 2), (a, 3), (b, 3)]
     for got, want in zip(resumed, straight, strict=True):
-        _assert_member_equals_alone(got, want, rel=1e-9)
+        assert_trained_alike(got, want, rel=1e-9)
 
 
 def test_a_packed_member_is_a_plain_model(digits, tmp_path):
@@ -182,3 +172,50 @@ def test_what_cannot_be_packed_is_one_clear_error(digits):
         check_sequential(Residual(), digits)
     with pytest.raises(UserError, match="unknown dtype 'float16'"):
         train_pack([_spec()], digits, options=RunOptions(dtype="float16"))
+
+
+def test_packs_form_per_shape_in_near_equal_sizes_and_in_order():
+    """Models of one shape share packs (never two widths in one), each shape cut into
+    ceil(n / K) packs whose sizes differ by at most one, in the order given."""
+    narrow = [_spec(seed=s) for s in range(5)]
+    wide = [_spec(width=2, seed=s) for s in range(2)]
+    items = [(spec, {"i": i}) for i, spec in enumerate([*narrow[:3], *wide, *narrow[3:]])]
+    packs = form_packs(items, 4, spec_of=lambda item: item[0])
+    assert [[spec for spec, _ in p] for p in packs] == [narrow[:3], narrow[3:], wide]
+    assert [[extra["i"] for _, extra in p] for p in packs] == [[0, 1, 2], [5, 6], [3, 4]]
+    assert [len(p) for p in form_packs(narrow * 1, 1)] == [1] * 5
+    assert [len(p) for p in form_packs([_spec(seed=s) for s in range(13)], 12)] == [7, 6]
+    assert form_packs([], 4) == []
+    with pytest.raises(UserError, match="at least 1 model"):
+        form_packs(narrow, 0)
+
+
+def test_packs_are_checked_before_training(digits):
+    """A model that is not a chain of its layers is refused once its pack has two members
+    (a pack of one trains on the plain path), and the caller's random state is untouched."""
+    resnet = [TrainSpec(dataset="digits", model="resnet18_cifar", epochs=1, seed=s)
+              for s in (0, 1)]  # fmt: skip
+    check_pack_models([[resnet[0]], [resnet[1]]], digits)
+    state = torch.get_rng_state()
+    check_pack_models([MIXED[:2]], digits)
+    assert torch.equal(torch.get_rng_state(), state)
+    with pytest.raises(UserError, match="cannot pack layers of type Linear"):
+        check_pack_models([resnet], digits)
+    with pytest.raises(UserError, match="differ in width"):
+        check_pack_models([[_spec(width=1), _spec(width=2)]], digits)
+
+
+@pytest.mark.parametrize(
+    "value, device, gpus, want",
+    [("auto", "auto", 0.0, 1), ("auto", "auto", 0.25, AUTO_PACK["cuda"]),
+     ("auto", "cpu", 0.25, 1), ("3", "auto", 0.0, 3), ("1", "cuda", 1.0, 1)],
+)  # fmt: skip
+def test_pack_size_auto_is_per_device(value, device, gpus, want):
+    assert AUTO_PACK["cpu"] == 1 and AUTO_PACK["cuda"] > 1
+    assert pack_size(value, device, gpus) == want
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_a_bad_pack_size_is_one_line(value):
+    with pytest.raises(UserError, match="--pack must be a whole number >= 1 or auto"):
+        pack_size(value, "auto", 0.0)

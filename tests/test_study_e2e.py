@@ -6,6 +6,7 @@ These start Ray (~15-30 s each on 2 cores), so they are marked slow; `make test`
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +65,55 @@ def test_dtype_flag_reaches_every_trial(tmp_path):
     trials = pd.read_parquet(store / "demo-smoke" / schema.TRIALS)
     assert len(trials) == 4 and (trials["dtype"] == "float64").all()
     assert (trials["status"] == "ok").all()
+    assert "pack_id" not in trials  # --pack auto on CPU: one plain model per trial
+
+
+def test_a_packed_study_through_tune_equals_each_model_trained_alone(tmp_path):
+    """--pack 2 in the reproducible mode: two packs of two, one Tune trial each, every
+    model's row and checkpoints those of its spec trained alone. Then two models are
+    lost (one's result.json, the other's whole folder): the re-run with --pack 4 trains
+    only those two, as one pack (one resumes from its final last.pt, one starts afresh),
+    leaves the others' results alone, and the numbers are again those of training alone."""
+    from qgen_ray.data import load_image_data
+    from qgen_ray.spec import RunOptions, TrainSpec
+    from qgen_ray.store import StudyStore
+    from qgen_ray.train import train
+    from tests.support.compare import assert_same_checkpoints, assert_trained_alike
+
+    demo = str(REPO / "studies" / "demo.py")
+    args = [demo, "--smoke", "--storage", str(tmp_path), "--stages", "train", "--dtype", "float64"]
+    out = _run([*args, "--pack", "2"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "4 models in 2 packs (--pack 2)" in out.stdout and "done 4/4" in out.stdout
+    trials = pd.read_parquet(tmp_path / "demo-smoke" / schema.TRIALS)
+    assert (trials["status"] == "ok").all() and (trials["pack_size"] == 2).all()
+    assert trials["pack_id"].nunique() == 2 and trials["model_id"].is_unique
+    store, alone = StudyStore(str(tmp_path / "demo-smoke")), StudyStore(str(tmp_path / "alone"))
+    data, f64 = load_image_data("digits"), RunOptions(dtype="float64")
+    want = {}
+    for model_id in trials["model_id"]:
+        spec = TrainSpec.from_dict(store.trial(model_id).read_result()["spec"])
+        want[model_id] = train(spec, data, alone.trial(model_id), f64)
+        assert_trained_alike(store.trial(model_id).read_result(), want[model_id], rel=1e-9)
+        assert_same_checkpoints(store.trial(model_id), alone.trial(model_id), rtol=1e-9)
+
+    lost, kept = list(trials["model_id"][:2]), list(trials["model_id"][2:])
+    os.remove(store.path(store.trial(lost[0]).rel(schema.RESULT_JSON)))
+    shutil.rmtree(store.path(store.trial(lost[1]).prefix))
+
+    def stamps():
+        return {m: os.stat(store.path(store.trial(m).rel(schema.RESULT_JSON))).st_mtime_ns
+                for m in kept}  # fmt: skip
+
+    before = stamps()
+    out = _run([*args, "--pack", "4"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 already done, 2 to train" in out.stdout and "2 models in 1 packs" in out.stdout
+    assert stamps() == before
+    for model_id in lost:
+        row = store.trial(model_id).read_result()
+        assert row["pack_size"] == 2
+        assert_trained_alike(row, want[model_id], rel=1e-9)
 
 
 RESUME_SCRIPT = """
@@ -163,9 +213,11 @@ def test_bad_study_declaration_is_one_line_before_any_file(tmp_path, capsys, dec
     assert not store.exists()
 
 
-def test_study_script_bad_flag_value_exits_2():
-    out = _run(["studies/demo.py", "--smoke", "--cpus-per-trial", "0", "--storage", "/tmp/q"])
+@pytest.mark.parametrize("flag", [["--cpus-per-trial", "0"], ["--pack", "0"]])
+def test_study_script_bad_flag_value_exits_2(flag, tmp_path):
+    out = _run(["studies/demo.py", "--smoke", *flag, "--storage", str(tmp_path / "q")])
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert flag[0] in out.stderr and not (tmp_path / "q").exists()
 
 
 def test_cifar_study_smoke_reads_the_published_layout(cifar10_root, tmp_path):

@@ -1,7 +1,8 @@
 """The command line every study script shares: plan -> train -> follow-up stages.
 
     python studies/<name>.py [--storage DIR|URI] [--data-root DIR] [--download] [--smoke]
-        [--address ADDR] [--cpus-per-trial C] [--gpus-per-trial G] [--stages ...]
+        [--address ADDR] [--cpus-per-trial C] [--gpus-per-trial G] [--pack K|auto]
+        [--stages ...]
 
 Re-running a study resumes it: finished models are never retrained, unfinished ones
 continue from their last checkpoint, failed ones are retried.
@@ -66,6 +67,13 @@ def parser(study: Study) -> argparse.ArgumentParser:
         "the follow-up stages' tasks (measure, corrupt, landscape) get the same share",
     )
     p.add_argument(
+        "--pack",
+        default="auto",
+        help="train up to K models of one shape as one fused network per trial "
+        "(horizontal fusion; each model's numbers are its own); 1: one model per trial; "
+        "auto (default): 1 on CPU, where packing does not pay, 12 when trials get a GPU",
+    )
+    p.add_argument(
         "--stages",
         nargs="+",
         default=None,
@@ -126,6 +134,23 @@ def collect_trials(
     return store.path(schema.TRIALS)
 
 
+def pack_size(value: str, device: str, gpus_per_trial: float) -> int:
+    """The --pack value as a number: `auto` is `train.pack.AUTO_PACK` of the device the
+    trials will train on (a GPU when they get one and --device is not cpu)."""
+    from qgen_ray.train.pack import AUTO_PACK
+
+    if value == "auto":
+        on_gpu = gpus_per_trial > 0 and device != "cpu"
+        return AUTO_PACK["cuda" if on_gpu else "cpu"]
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise UserError(f"--pack must be a whole number >= 1 or auto, got {value!r}")
+    return size
+
+
 def pending_models(store: StudyStore, plan: list, name: str, verb: str = "train") -> list:
     """The planned (spec, extra) pairs without an ok / diverged result; says how many."""
     from qgen_ray.ray.tune_study import finished_ids
@@ -154,6 +179,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else study.gpus_per_trial
     if cpus <= 0 or gpus < 0:
         raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    pack = pack_size(args.pack, args.device, gpus)
     plan = study.plan()  # validates the grid before anything is written
     store = StudyStore.for_study(args.storage, study.name)
     store.check_writable()
@@ -161,15 +187,21 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     if "train" in stages:
         from qgen_ray.ray.session import init_ray
         from qgen_ray.ray.tune_study import run_training
+        from qgen_ray.train.pack import check_pack_models, form_packs
 
         data = load_image_data(study.dataset, args.data_root, args.download)
-        write_study_record(store, study.describe())
         pending = pending_models(store, plan, study.name)
+        packs = form_packs(pending, pack, spec_of=lambda item: item[0])
+        check_pack_models([[spec for spec, _ in members] for members in packs], data)
+        write_study_record(store, study.describe())
         if pending:
+            if pack > 1:
+                print(f"[{study.name}] {len(pending)} models in {len(packs)} packs "
+                      f"(--pack {pack})", flush=True)  # fmt: skip
             init_ray(args.address)
             run_training(
                 store,
-                pending,
+                packs,
                 data,
                 RunOptions(device=args.device, dtype=args.dtype),
                 cpus,

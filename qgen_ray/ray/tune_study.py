@@ -1,7 +1,9 @@
-"""The Ray Tune adapter: one trial per model, fractional resources, store-based resume.
+"""The Ray Tune adapter: one trial per model or per pack, fractional resources,
+store-based resume.
 
-The trial body is a thin
-wrapper around `qgen_ray.train.train`; idempotency lives in the store, not in Tune: the
+A trial trains one model with `qgen_ray.train.train`, or a pack of models of one shape
+as one fused network with `qgen_ray.train.pack.train_pack` (`--pack K`), and writes each
+model's own result.json. Idempotency lives in the store, not in Tune: the
 driver plans the grid, drops every model that already has a result (ok or diverged),
 and gives Tune only the rest; a model that had started continues from its `last.pt`.
 A trial whose code raises is recorded as `failed` with its reason (a re-run retries
@@ -23,6 +25,7 @@ from qgen_ray.provenance import provenance
 from qgen_ray.spec import RunOptions, TrainSpec, row_header
 from qgen_ray.store import StudyStore
 from qgen_ray.train import train
+from qgen_ray.train.pack import pack_id, train_pack
 
 MAX_FAILURES = 3  # Tune retries of a trial whose worker process died (not code errors)
 PROGRESS_EVERY_S = 15.0  # seconds between progress lines while nothing completes
@@ -40,29 +43,45 @@ def failed_result(spec: TrainSpec, err: BaseException) -> dict:
     }
 
 
+def _report_member(metrics: dict) -> None:
+    """A pack member's epoch to Tune, its numbers tagged with its model id (one
+    TensorBoard curve per member inside the pack's trial)."""
+    tag = metrics["model_id"]
+    tune.report(
+        {"model_id": tag, **{f"{tag}/{k}": v for k, v in metrics.items() if k != "model_id"}}
+    )
+
+
 def run_trial(config: dict, data: ImageData) -> None:
-    """Tune function trainable: train one model and write its result into the store."""
+    """Tune function trainable: train one model, or a pack of them as one fused network,
+    and write each model's result into the store."""
     import torch
 
     config = config["trial"]
     torch.set_num_threads(max(1, int(config["cpus"])))
-    spec = TrainSpec.from_dict(config["spec"])
-    trial = StudyStore(config["store"]).trial(spec.model_id)
+    specs = [TrainSpec.from_dict(d) for d in config["specs"]]
+    study = StudyStore(config["store"])
+    trials = [study.trial(spec.model_id) for spec in specs]
+    options = RunOptions(**config["options"])
     try:
-        result = train(spec, data, trial, RunOptions(**config["options"]), report=tune.report)
+        if len(specs) == 1:
+            results = [train(specs[0], data, trials[0], options, report=tune.report)]
+        else:
+            results = train_pack(specs, data, trials, options, report=_report_member)
     except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
-        result = failed_result(spec, err)
-    result.update(config["extra"])
-    trial.write_result(result)
+        results = [failed_result(spec, err) for spec in specs]
+    for result, trial, extra in zip(results, trials, config["extras"], strict=True):
+        trial.write_result({**result, **extra})
 
 
 class ProgressLine(tune.Callback):
     """One console line: done / failed / retried / running / ETA (the store has details).
 
-    A trial whose code raised ends normally in Tune and is recorded `failed` in the store,
-    so with `store` each completion is classified from its result.json. A trial whose
-    process died is retried by Tune (`retried`) and counts as failed only when Tune gives
-    up. `done` counts models that need no more training (ok or diverged).
+    Every count is of models, not trials (a pack's trial holds several). A trial whose
+    code raised ends normally in Tune and is recorded `failed` in the store, so with
+    `store` each completion is classified from its models' result.json. A trial whose
+    process died is retried by Tune (`retried`) and its models count as failed only when
+    Tune gives up. `done` counts models that need no more training (ok or diverged).
     """
 
     def __init__(self, study: str, total: int, already: int, store: StudyStore | None = None):
@@ -76,7 +95,9 @@ class ProgressLine(tune.Callback):
         if not force and now - self.last_print < PROGRESS_EVERY_S:
             return
         self.last_print = now
-        running = sum(t.status == "RUNNING" and t is not ended for t in trials)
+        running = sum(
+            len(_model_ids(t)) for t in trials if t.status == "RUNNING" and t is not ended
+        )
         finished = self.done + self.failed
         left = self.total - finished
         eta = (now - self.start) / finished * left if finished else float("nan")
@@ -88,11 +109,11 @@ class ProgressLine(tune.Callback):
             flush=True,
         )
 
-    def _status(self, trial) -> str:
+    def _status(self, model_id: str) -> str:
         if self.store is None:
             return schema.STATUS_OK
         try:
-            return self.store.trial(trial.config["trial"]["model_id"]).read_result()["status"]
+            return self.store.trial(model_id).read_result()["status"]
         except (OSError, KeyError, ValueError):
             return schema.STATUS_FAILED  # ended without a readable result
 
@@ -100,19 +121,26 @@ class ProgressLine(tune.Callback):
         self._print(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if self._status(trial) == schema.STATUS_FAILED:
-            self.failed += 1
-        else:
-            self.done += 1
+        for model_id in _model_ids(trial):
+            if self._status(model_id) == schema.STATUS_FAILED:
+                self.failed += 1
+            else:
+                self.done += 1
         self._print(trials, force=True, ended=trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.retried += 1
+        self.retried += len(_model_ids(trial))
         self._print(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.failed += 1
+        self.failed += len(_model_ids(trial))
         self._print(trials, force=True, ended=trial)
+
+
+def _model_ids(trial) -> list[str]:
+    """The models a trial trains (one, or a pack's members)."""
+    config = trial.config["trial"]
+    return config.get("model_ids") or [config["model_id"]]
 
 
 def tune_storage(store: StudyStore) -> str:
@@ -121,7 +149,7 @@ def tune_storage(store: StudyStore) -> str:
 
 def run_training(
     store: StudyStore,
-    pending: list[tuple[TrainSpec, dict]],
+    packs: list[list[tuple[TrainSpec, dict]]],
     data: ImageData,
     options: RunOptions,
     cpus_per_trial: float,
@@ -129,24 +157,30 @@ def run_training(
     already_done: int = 0,
     progress: bool = True,
 ) -> None:
-    """Train every pending model as one Tune trial; results land in the store."""
-    if not pending:
+    """Train every pending model, one Tune trial per pack of (spec, extra) pairs with the
+    per-trial resources (`train.pack.form_packs` forms them; a pack of one is one plain
+    model); results land in the store."""
+    if not packs:
         return
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     )
     configs = [
         {
-            "spec": spec.to_dict(),
-            "extra": extra,
+            "specs": [spec.to_dict() for spec, _ in members],
+            "extras": [extra for _, extra in members],
             "store": store.uri,
             "options": dataclasses.asdict(options),  # every RunOptions field reaches train
             "cpus": cpus_per_trial,
-            "model_id": spec.model_id,
+            "model_id": members[0][0].model_id
+            if len(members) == 1
+            else f"pack-{pack_id([s for s, _ in members])}",
+            "model_ids": [spec.model_id for spec, _ in members],
         }
-        for spec, extra in pending
+        for members in packs
     ]
-    callbacks = [ProgressLine(store.name, len(configs), already_done, store)] if progress else []
+    total = sum(len(members) for members in packs)
+    callbacks = [ProgressLine(store.name, total, already_done, store)] if progress else []
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(configs)},

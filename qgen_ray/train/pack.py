@@ -180,6 +180,55 @@ def check_sequential(model: nn.Module, data: ImageData) -> None:
         )
 
 
+# The pack size `--pack auto` picks per device. CPU: 1, measured (benchmarks/
+# population_throughput.py, 2 cores): a grouped convolution over K members is no faster
+# than K plain ones there, so packing buys nothing and the plain path stays. CUDA: small
+# convolutions at batch 128 leave a GPU mostly idle; 12 members per pack is the middle of
+# the benchmark's K = 4/12/36 (to be confirmed with benchmarks/gpu_check.sh).
+AUTO_PACK = {"cpu": 1, "cuda": 12}
+
+
+def shared_key(spec: TrainSpec) -> tuple:
+    """What decides whether two models may share a pack: their `SHARED` fields."""
+    return tuple(repr(getattr(spec, name, None)) for name in SHARED)
+
+
+def form_packs(items: Sequence, size: int, spec_of: Callable = lambda item: item) -> list[list]:
+    """Split items (specs, or anything `spec_of` maps to one) into packs of at most `size`
+    models that share an architecture and protocol: each group of `shared_key` is cut into
+    ceil(n / size) packs of near-equal size, in the order given (deterministic, so a
+    re-run over the same pending models forms the same packs)."""
+    if size < 1:
+        raise UserError(f"a pack holds at least 1 model, got {size}; use --pack 1 to not pack")
+    groups: dict[tuple, list] = {}
+    for item in items:
+        groups.setdefault(shared_key(spec_of(item)), []).append(item)
+    packs = []
+    for group in groups.values():
+        count = math.ceil(len(group) / size)
+        bounds = [-(-i * len(group) // count) for i in range(count + 1)]  # ceil: larger first
+        packs += [group[a:b] for a, b in zip(bounds, bounds[1:])]
+    return packs
+
+
+def check_pack_models(packs: Sequence[Sequence[TrainSpec]], data: ImageData) -> None:
+    """Before any training: each pack's members may share it, and the model of every
+    pack of two or more is a chain of its layers (built once per shape, on the CPU,
+    without touching the caller's random state)."""
+    from qgen_ray.train.build import build_model
+
+    checked = set()
+    for pack in packs:
+        check_packable(pack)
+        key = shared_key(pack[0])
+        if len(pack) < 2 or key in checked:
+            continue
+        checked.add(key)
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(pack[0], data.num_classes, data.in_channels, data.image_size)
+        check_sequential(model, data)
+
+
 @dataclass
 class _Member:
     """A member's spec, store and training state (`train.loop.Run`), and how it ended."""
@@ -284,4 +333,7 @@ def train_pack(
     return rows
 
 
-__all__ = ["FusedNetwork", "check_packable", "pack_id", "train_pack"]
+__all__ = [
+    "AUTO_PACK", "FusedNetwork", "check_pack_models", "check_packable", "form_packs", "pack_id",
+    "train_pack",
+]  # fmt: skip
