@@ -122,6 +122,17 @@ class RunOptions:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     checkpoint_every: int = 1  # epochs between resumable checkpoints (last.pt)
     dtype: str = "float32"  # "float32" | "float64" (reproducible: thread-count independent)
+    # The GPU fast paths, in the fused trainer only (`train.pack`; `train` stays the plain
+    # reference they are tested against): bfloat16 autocast of the forward ("bf16"),
+    # channels-last tensors, and `torch.compile` of the fused forward.
+    amp: str = "off"  # "off" | "bf16"
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def fast_paths(self) -> bool:
+        """Whether a fast path is asked for (then even one model trains fused)."""
+        return self.amp != "off" or self.channels_last or self.compile
 
 
 def row_header(spec: TrainSpec, status: str, reason: str = "") -> dict:

@@ -30,7 +30,7 @@ CPUS_PER_CPU_WORKER = 1  # default CPUs of a CPU-only worker
 
 def parser(studies: tuple[Study, ...]) -> argparse.ArgumentParser:
     """`qgen_ray.pipeline.study_cli.parser` of the first study, extended with the DDP flags."""
-    p = study_cli.parser(studies[0])
+    p = study_cli.parser(studies[0], fused=False)
     helps = {
         "cpus_per_trial": "CPUs of one Train run, split evenly over its --workers (default "
         f"{CPUS_PER_GPU_WORKER} per worker with GPUs, {CPUS_PER_CPU_WORKER} without)",

@@ -21,7 +21,8 @@ from qgen_ray.store import StudyStore
 DEFAULT_STORAGE = "./results"
 
 
-def parser(study: Study) -> argparse.ArgumentParser:
+def parser(study: Study, fused: bool = True) -> argparse.ArgumentParser:
+    """The study script's flags; `fused`: with those of packed training (not DDP's)."""
     p = argparse.ArgumentParser(
         prog=f"studies/{study.name}.py",
         description=study.description or f"Run the {study.name} study.",
@@ -67,13 +68,6 @@ def parser(study: Study) -> argparse.ArgumentParser:
         "the follow-up stages' tasks (measure, corrupt, landscape) get the same share",
     )
     p.add_argument(
-        "--pack",
-        default="auto",
-        help="train up to K models of one shape as one fused network per trial "
-        "(horizontal fusion; each model's numbers are its own); 1: one model per trial; "
-        "auto (default): 1 on CPU, where packing does not pay, 12 when trials get a GPU",
-    )
-    p.add_argument(
         "--stages",
         nargs="+",
         default=None,
@@ -94,8 +88,38 @@ def parser(study: Study) -> argparse.ArgumentParser:
         help="float32 (default) | float64: the reproducible mode, whose numbers do not move "
         "with the CPU thread count (slower)",
     )
+    if fused:
+        add_fused_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
+
+
+def add_fused_flags(p: argparse.ArgumentParser) -> None:
+    """--pack and the fast paths of the fused trainer (`qgen_ray.train.pack`)."""
+    p.add_argument(
+        "--pack",
+        default="auto",
+        help="train up to K models of one shape as one fused network per trial "
+        "(horizontal fusion; each model's numbers are its own); 1: one model per trial; "
+        "auto (default): 1 on CPU, where packing does not pay, 12 when trials get a GPU",
+    )
+    p.add_argument(
+        "--amp",
+        default="off",
+        choices=["off", "bf16"],
+        help="bf16: the forward under bfloat16 autocast (GPU fast path; trains fused)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="channels-last tensors in the fused forward (GPU fast path; trains fused)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the fused forward (GPU fast path; trains fused; compiling "
+        "takes a minute per pack shape)",
+    )
 
 
 def write_study_record(store: StudyStore, record: dict) -> None:
@@ -170,6 +194,8 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     from qgen_ray.data import load_image_data
     from qgen_ray.spec import RunOptions
     from qgen_ray.store import StudyStore
+    from qgen_ray.train.loop import resolve_dtype
+    from qgen_ray.train.pack import check_fast_paths
 
     if args.smoke:
         study = study.smoke()
@@ -180,6 +206,9 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     if cpus <= 0 or gpus < 0:
         raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
     pack = pack_size(args.pack, args.device, gpus)
+    options = RunOptions(device=args.device, dtype=args.dtype, amp=args.amp,
+                         channels_last=args.channels_last, compile=args.compile)  # fmt: skip
+    check_fast_paths(options, resolve_dtype(options.dtype))
     plan = study.plan()  # validates the grid before anything is written
     store = StudyStore.for_study(args.storage, study.name)
     store.check_writable()
@@ -203,7 +232,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
                 store,
                 packs,
                 data,
-                RunOptions(device=args.device, dtype=args.dtype),
+                options,
                 cpus,
                 gpus,
                 already_done=len(plan) - len(pending),

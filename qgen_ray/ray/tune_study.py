@@ -64,7 +64,7 @@ def run_trial(config: dict, data: ImageData) -> None:
     trials = [study.trial(spec.model_id) for spec in specs]
     options = RunOptions(**config["options"])
     try:
-        if len(specs) == 1:
+        if len(specs) == 1 and not options.fast_paths:  # the plain reference path
             results = [train(specs[0], data, trials[0], options, report=tune.report)]
         else:
             results = train_pack(specs, data, trials, options, report=_report_member)

@@ -24,6 +24,13 @@ Members live their own lives: one whose epoch loss is not finite stops alone (di
 a member resumes from its own `last.pt`; a member already at a later epoch than the
 others (a pack killed between two members' checkpoints) waits until they catch up.
 
+The GPU fast paths live here, never in `train`, which stays the plain reference they are
+tested against (tests/test_pack.py): `RunOptions.channels_last` (channels-last tensors)
+and `RunOptions.compile` (`torch.compile` of the fused forward, recompiled only when the
+set of training members changes) leave the arithmetic as it is (float64: equal to 1e-9);
+`RunOptions.amp="bf16"` runs the forward under bfloat16 autocast, losses and optimizer
+steps in float32 (first-epoch loss within 1% of float32's; the row records `amp`).
+
 Exactness: in float64 (`RunOptions(dtype="float64")`) every member equals `train(spec)`
 to ~1e-12; in float32 the grouped convolution sums in another order, within the spread
 of running one model on 1 vs 2 threads (tests/test_pack.py measures both).
@@ -102,8 +109,9 @@ class FusedNetwork:
     layer one operator over all members. Only for models that are their leaves applied
     in order (checked once per member shape by `check_sequential`)."""
 
-    def __init__(self, members: Sequence[nn.Module]):
+    def __init__(self, members: Sequence[nn.Module], channels_last: bool = False):
         self.members = list(members)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.layers = list(zip(*[_leaves(m) for m in self.members], strict=True))
         for column in self.layers:
             if not all(isinstance(m, FUSABLE) for m in column):
@@ -117,11 +125,12 @@ class FusedNetwork:
     def forward(self, xs: Sequence[torch.Tensor], training: bool) -> list[torch.Tensor]:
         """The K members' outputs for their K input batches (same shape each)."""
         k = len(self.members)
-        x = torch.cat(list(xs), dim=1)
+        x = torch.cat(list(xs), dim=1).contiguous(memory_format=self.memory_format)
         for column in self.layers:
             first = column[0]
             if _is_conv(first):
                 weight = torch.cat([_conv_weight(m) for m in column])
+                weight = weight.contiguous(memory_format=self.memory_format)
                 bias = torch.cat([m.bias for m in column]) if first.bias is not None else None
                 x = F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation,
                              first.groups * k)  # fmt: skip
@@ -229,6 +238,38 @@ def check_pack_models(packs: Sequence[Sequence[TrainSpec]], data: ImageData) -> 
         check_sequential(model, data)
 
 
+AMP = {"off": None, "bf16": torch.bfloat16}  # RunOptions.amp -> the autocast type
+
+
+def check_fast_paths(options: RunOptions, dtype: torch.dtype) -> None:
+    """One line for a fast path that cannot be had as asked."""
+    if options.amp not in AMP:
+        raise UserError(f"unknown --amp {options.amp!r}; valid: {', '.join(AMP)}")
+    if options.amp != "off" and dtype != torch.float32:
+        raise UserError("--amp bf16 computes the forward in bfloat16; use it with float32, "
+                        "not the reproducible float64 mode")  # fmt: skip
+
+
+class _Forward:
+    """The fused forward of the members still training, under the run's fast paths:
+    rebuilt (and, with `compile`, recompiled) only when that set of members changes."""
+
+    def __init__(self, options: RunOptions, device: torch.device):
+        self.options, self.device = options, device
+        self.key: tuple = ()
+        self.fn: Callable | None = None
+
+    def __call__(self, active: Sequence[_Member], xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = tuple(id(m) for m in active)
+        if key != self.key:
+            fused = FusedNetwork([m.run.model for m in active], self.options.channels_last)
+            self.key = key
+            self.fn = torch.compile(fused.forward) if self.options.compile else fused.forward
+        amp = AMP[self.options.amp]
+        with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return self.fn(xs, training=True)
+
+
 @dataclass
 class _Member:
     """A member's spec, store and training state (`train.loop.Run`), and how it ended."""
@@ -258,6 +299,7 @@ def train_pack(
         raise UserError(f"{len(specs)} models but {len(stores)} stores")
     start = time.time()
     device, dtype = resolve_device(options.device), resolve_dtype(options.dtype)
+    check_fast_paths(options, dtype)
     members = [
         _Member(spec, store, start_run(spec, data, store, device, dtype))
         for spec, store in zip(specs, stores, strict=True)
@@ -266,13 +308,13 @@ def train_pack(
     first = specs[0]
     train_x, train_y = data.train_x.to(device), data.train_y.to(device)
     n, steps = len(train_x), math.ceil(len(train_x) / first.batch_size)
+    forward = _Forward(options, device)
     for m in members:
         m.run.model.train()
     for epoch in range(1, first.epochs + 1):
         active = [m for m in members if m.status == schema.STATUS_OK and m.run.record.epoch < epoch]
         if not active:
             continue
-        fused = FusedNetwork([m.run.model for m in active])
         t0 = time.time()
         rates = [m.run.optimizer.param_groups[0]["lr"] for m in active]
         orders = [torch.randperm(n, generator=m.run.generator).to(device) for m in active]
@@ -288,7 +330,7 @@ def train_pack(
                     xb = data.augment(xb, m.run.generator)
                 xs.append(data.normalize(xb).to(dtype))
                 ys.append(train_y[idx])
-            logits = fused.forward(xs, training=True)
+            logits = [out.to(dtype) for out in forward(active, xs)]  # bf16 autocast: back
             progress = ((epoch - 1) * steps + step) / (first.epochs * steps)
             total = 0
             for i, m in enumerate(active):
@@ -329,11 +371,11 @@ def train_pack(
         row = finish_row(
             m.spec, m.run.record, m.run.model, data, m.store, m.status, m.reason, device, start
         )
-        rows.append({**row, "pack_id": pid, "pack_size": len(specs)})
+        rows.append({**row, "pack_id": pid, "pack_size": len(specs), "amp": options.amp})
     return rows
 
 
 __all__ = [
-    "AUTO_PACK", "FusedNetwork", "check_pack_models", "check_packable", "form_packs", "pack_id",
-    "train_pack",
+    "AMP", "AUTO_PACK", "FusedNetwork", "check_fast_paths", "check_pack_models",
+    "check_packable", "form_packs", "pack_id", "train_pack",
 ]  # fmt: skip
