@@ -79,9 +79,8 @@ def status(store) -> str:
 
     if not store.exists(schema.STUDY_JSON) and not store.trial_ids():
         raise UserError(f"no study in {store.uri}: run a study script first")
-    planned = None
-    if store.exists(schema.STUDY_JSON):
-        planned = store.read_json(schema.STUDY_JSON).get("num_models")
+    record = store.read_record(schema.STUDY_JSON, "a re-run of the study script rewrites it")
+    planned = record.get("num_models") if record else None
     counts = progress_counts(store)
     finished = counts["ok"] + counts["diverged"]
     line = (

@@ -18,6 +18,24 @@ class UserError(Exception):
     """A mistake the user can fix. The message says what is wrong and how to fix it."""
 
 
+class DamagedFile(Exception):
+    """A stored file that exists but cannot be read back (truncated, corrupted): not the
+    user's mistake and not a bug. Whoever reads it sets it aside (`StudyStore.set_aside`,
+    kept as `<name>.damaged`) and recomputes what it held."""
+
+    def __init__(self, rel: str, cause: BaseException):
+        self.rel, self.cause = rel, cause
+        first = str(cause).splitlines()[0] if str(cause) else ""
+        super().__init__(f"{rel}: {cause.__class__.__name__}{': ' + first if first else ''}")
+
+
+def say_set_aside(path: str, err: BaseException, kept: str, consequence: str) -> None:
+    """The one line for a damaged file that was set aside: which file, what is wrong,
+    where it now is, what happens next (on stderr; the run goes on)."""
+    print(f"warning: damaged file {path} ({err}); kept as {kept}; {consequence}",
+          file=sys.stderr, flush=True)  # fmt: skip
+
+
 def exit_on_user_error(fn: Callable) -> Callable:
     """Decorate a `main()`: a `UserError` becomes one line on stderr and exit status 2."""
 

@@ -7,9 +7,11 @@ either the old file or the new one. Layout and columns: `qgen_ray.schema`.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import pickle
 import uuid
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import pyarrow.parquet as pq
 import torch
 
 from qgen_ray import schema
-from qgen_ray.errors import UserError
+from qgen_ray.errors import DamagedFile, UserError, say_set_aside
 
 
 def _resolve(uri: str) -> tuple[pafs.FileSystem, str, bool]:
@@ -35,6 +37,12 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, bool]:
         return fs, path.rstrip("/"), False
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve()), True
+
+
+REQUEUED = (
+    "the model is re-queued: a re-run of the study script trains it again "
+    "(resuming from its last.pt when that is readable)"
+)
 
 
 class StudyStore:
@@ -66,17 +74,45 @@ class StudyStore:
             return f.read()
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Atomic write: a temporary sibling, then a move onto the final name."""
+        """Atomic write: a temporary sibling, then a move onto the final name. A failed
+        write removes its temporary file; a full disk is one line (`UserError`)."""
         final = self.path(rel)
         parent = final.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{final.rsplit('/', 1)[-1]}"
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
+        try:
+            self.fs.create_dir(parent, recursive=True)
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            if self.is_local:
+                os.replace(tmp, final)  # atomic on POSIX, also over an existing file
+            else:
+                self.fs.move(tmp, final)
+        except OSError as err:
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:
+                pass  # never created, or already moved
+            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+                raise UserError(
+                    f"no space left on the device writing {final}: free some space and "
+                    "re-run; finished results are kept"
+                ) from None
+            raise
+
+    def set_aside(self, err: DamagedFile, consequence: str) -> str:
+        """Keep a damaged file as `<name>.damaged` (never deleted) and say so in one line:
+        which file, what is wrong, where it now is and what happens next."""
+        target = f"{err.rel}.damaged"
+        n = 1
+        while self.exists(target):
+            n += 1
+            target = f"{err.rel}.damaged-{n}"
         if self.is_local:
-            os.replace(tmp, final)  # atomic on POSIX, also over an existing file
+            os.replace(self.path(err.rel), self.path(target))
         else:
-            self.fs.move(tmp, final)
+            self.fs.move(self.path(err.rel), self.path(target))
+        say_set_aside(self.path(err.rel), err, target.rsplit("/", 1)[-1], consequence)
+        return target
 
     def delete(self, rel: str) -> None:
         if self.exists(rel):
@@ -105,7 +141,22 @@ class StudyStore:
         self.write_bytes(rel, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
 
     def read_json(self, rel: str):
-        return json.loads(self.read_bytes(rel))
+        """Raises `DamagedFile` when the file is there but is not JSON."""
+        data = self.read_bytes(rel)
+        try:
+            return json.loads(data)
+        except ValueError as err:
+            raise DamagedFile(rel, err) from None
+
+    def read_record(self, rel: str, consequence: str):
+        """A JSON record, or None when it is missing or damaged (then set aside)."""
+        if not self.exists(rel):
+            return None
+        try:
+            return self.read_json(rel)
+        except DamagedFile as err:
+            self.set_aside(err, consequence)
+            return None
 
     def write_torch(self, rel: str, obj) -> None:
         buf = io.BytesIO()
@@ -114,9 +165,11 @@ class StudyStore:
 
     def read_torch(self, rel: str, map_location="cpu"):
         """Load a checkpoint with `weights_only=True`: tensors and plain values only."""
-        return torch.load(
-            io.BytesIO(self.read_bytes(rel)), map_location=map_location, weights_only=True
-        )
+        data = self.read_bytes(rel)
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
+            raise DamagedFile(rel, err) from None
 
     def write_table(self, rel: str, df: pd.DataFrame) -> None:
         buf = io.BytesIO()
@@ -124,9 +177,19 @@ class StudyStore:
         self.write_bytes(rel, buf.getvalue())
 
     def read_table(self, rel: str) -> pd.DataFrame | None:
+        """The table, or None when it is missing. A damaged table is set aside (kept as
+        `<name>.damaged`) and read as missing: the stage that writes it recomputes its
+        rows, and trials.parquet is rebuilt from the trial folders."""
         if not self.exists(rel):
             return None
-        return pq.read_table(io.BytesIO(self.read_bytes(rel))).to_pandas()
+        data = self.read_bytes(rel)
+        try:
+            return pq.read_table(io.BytesIO(data)).to_pandas()
+        except (pa.ArrowException, ValueError) as err:
+            self.set_aside(DamagedFile(rel, err), "read as missing: the stage that writes it "
+                           "recomputes its rows (trials.parquet: rebuilt from the trial "
+                           "folders)")  # fmt: skip
+            return None
 
     def append_rows(self, rel: str, rows: pd.DataFrame, key: list[str]) -> pd.DataFrame:
         """Add rows to a table, replacing earlier rows with the same `key`; atomic."""
@@ -144,13 +207,8 @@ class StudyStore:
         return self.list_dir(schema.TRIALS_DIR)
 
     def results(self) -> list[dict]:
-        """Every finished trial's result (its result.json), in model_id order."""
-        out = []
-        for mid in self.trial_ids():
-            t = self.trial(mid)
-            if t.has_result():
-                out.append(t.read_result())
-        return out
+        """Every finished trial's result (its readable result.json), in model_id order."""
+        return [r for r in (self.trial(mid).result() for mid in self.trial_ids()) if r]
 
 
 class TrialStore:
@@ -179,6 +237,15 @@ class TrialStore:
 
     def read_result(self) -> dict:
         return self.study.read_json(self.rel(schema.RESULT_JSON))
+
+    def result(self) -> dict | None:
+        """The model's result, or None when it has none yet or it is damaged (then set
+        aside as result.json.damaged: the model is trained again by a re-run)."""
+        return self.study.read_record(self.rel(schema.RESULT_JSON), REQUEUED)
+
+    def missing_checkpoints(self) -> list[str]:
+        """What an ok model needs downstream and lacks: init.pt, final.pt."""
+        return [c for c in (schema.INIT_CKPT, schema.FINAL_CKPT) if not self.has(c)]
 
     def write_result(self, result: dict) -> None:
         self.study.write_json(self.rel(schema.RESULT_JSON), result)

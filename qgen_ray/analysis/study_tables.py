@@ -7,7 +7,6 @@ models and joined with their hyperparameters (and a `precision` label) on `model
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,22 +79,21 @@ def infer_axes(trials: pd.DataFrame) -> list[str]:
     return axes
 
 
-def _read_optional(path: Path) -> pd.DataFrame | None:
-    return pd.read_parquet(path) if path.is_file() else None
-
-
 def load_study(study_dir: str | Path) -> StudyTables:
-    """Read `study_dir`. A folder without trials.parquet is a UserError."""
+    """Read `study_dir`. A folder without trials.parquet (or trial folders to rebuild it
+    from) is a UserError; a damaged table is set aside and rebuilt or read as missing."""
+    from qgen_ray.loaders import load_trials
+    from qgen_ray.store import StudyStore
+
     path = Path(study_dir)
-    trials_path = path / schema.TRIALS
-    if not trials_path.is_file():
+    store = StudyStore(str(path))
+    if not store.exists(schema.TRIALS) and not store.trial_ids():
         raise UserError(
             f"no {schema.TRIALS} in {path}: run the study first (python studies/{path.name}.py)"
         )
-    trials = with_precision(pd.read_parquet(trials_path))
+    trials = with_precision(load_trials(str(path)))
     notes: list[str] = []
-    meta_path = path / schema.STUDY_JSON
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = store.read_record(schema.STUDY_JSON, "axes are inferred from the trials") or {}
     if "axes" in meta:
         axes = [a for a in meta["axes"] if a not in POPULATION_KEYS]
     else:
@@ -109,7 +107,7 @@ def load_study(study_dir: str | Path) -> StudyTables:
             f"{schema.STUDY_JSON} in {path} names axes {missing_cols} that {schema.TRIALS} "
             "lacks: fix the axes list or re-collect the study"
         )
-    tables = {name: _read_optional(path / file) for name, file in OPTIONAL_TABLES.items()}
+    tables = {name: store.read_table(file) for name, file in OPTIONAL_TABLES.items()}
     return StudyTables(
         path=path,
         name=str(meta.get("study", path.name)),

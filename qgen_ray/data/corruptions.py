@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qgen_ray.errors import UserError
+from qgen_ray.errors import DamagedFile, UserError, say_set_aside
 
 # The 15 corruptions of docs/method.md §6, in the paper's (and ImageNet-C's) order.
 CORRUPTIONS: tuple[str, ...] = (
@@ -158,6 +158,20 @@ def cache_path(
     return Path(cache_dir) / dataset_key / corruption / f"{stem}.npy"
 
 
+def _readable_cache(path: Path) -> np.ndarray | None:
+    """A cached corrupted set, or None when there is none or it is damaged (then kept as
+    `<name>.damaged` and generated again)."""
+    if not path.exists():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        kept = path.with_name(f"{path.name}.damaged")
+        os.replace(path, kept)
+        say_set_aside(str(path), DamagedFile(path.name, err), kept.name, "generated again")
+        return None
+
+
 def _save_atomically(path: Path, array: np.ndarray) -> None:
     """Write `array` to `path` via a temporary file and `os.replace`: never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,8 +205,8 @@ def corrupted_set(
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     path = cache_path(cache_dir, dataset_key, corruption, severity, seed)
-    if path.exists():
-        cached = np.load(path, allow_pickle=False)
+    cached = _readable_cache(path)
+    if cached is not None:
         if cached.shape != images.shape or cached.dtype != np.uint8:
             raise UserError(
                 f"cached corrupted set {path} holds {cached.dtype} {cached.shape}, not the "

@@ -31,11 +31,19 @@ def ok_trials(store: StudyStore) -> pd.DataFrame:
     ok = trials[trials["status"] == schema.STATUS_OK]
     if ok.empty:
         raise UserError(f"no finished (status ok) models in {store.uri}: train the study first")
-    missing = [m for m in ok["model_id"] if not store.trial(m).has(schema.FINAL_CKPT)]
+    folders = set(store.trial_ids())
+    absent = [m for m in ok["model_id"] if m not in folders]
+    if absent:
+        raise UserError(
+            f"{len(absent)} models in {store.uri} have a row but no trial folder (e.g. "
+            f"{absent[0]}): their checkpoints are elsewhere; copy the trials/ folders back "
+            "(e.g. aws s3 sync s3://.../<study>/trials <study>/trials) and re-run"
+        )
+    missing = [m for m in ok["model_id"] if store.trial(m).missing_checkpoints()]
     if missing:
         raise UserError(
-            f"{len(missing)} models in {store.uri} have no checkpoint (e.g. {missing[0]}): "
-            "the study folder is incomplete; re-run the study script to rebuild them"
+            f"{len(missing)} models in {store.uri} lack init.pt or final.pt (e.g. "
+            f"{missing[0]}): re-run the study script, which re-trains them (from last.pt)"
         )
     return ok
 

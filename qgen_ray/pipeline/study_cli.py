@@ -129,8 +129,9 @@ def write_study_record(store: StudyStore, record: dict) -> None:
     from qgen_ray.provenance import provenance
 
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    if store.exists(schema.STUDY_JSON):
-        now = store.read_json(schema.STUDY_JSON).get("created_at", now)
+    old = store.read_record(schema.STUDY_JSON, "rewritten from the study script")
+    if old is not None:
+        now = old.get("created_at", now)
     store.write_json(schema.STUDY_JSON, {**record, "created_at": now, "provenance": provenance()})
 
 
@@ -177,7 +178,7 @@ def pack_size(value: str, device: str, gpus_per_trial: float) -> int:
 
 def pending_models(store: StudyStore, plan: list, name: str, verb: str = "train") -> list:
     """The planned (spec, extra) pairs without an ok / diverged result; says how many."""
-    from qgen_ray.ray.tune_study import finished_ids
+    from qgen_ray.pipeline.collect import finished_ids
 
     done = finished_ids(store)
     pending = [(s, e) for s, e in plan if s.model_id not in done]

@@ -200,13 +200,4 @@ def run_training(
     tuner.fit()
 
 
-def finished_ids(store: StudyStore) -> set[str]:
-    """Models that need no more training: ok or diverged (failed ones are retried)."""
-    return {
-        r["model_id"]
-        for r in store.results()
-        if r["status"] in (schema.STATUS_OK, schema.STATUS_DIVERGED)
-    }
-
-
-__all__ = ["finished_ids", "run_training"]
+__all__ = ["run_training"]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qgen_ray import schema
+from qgen_ray.errors import DamagedFile
 from qgen_ray.provenance import provenance
 from qgen_ray.spec import TrainSpec, row_header
 from qgen_ray.store import TrialStore
@@ -50,6 +51,18 @@ def kept_metrics(train: tuple[float, float], test: tuple[float, float]) -> dict:
 def device_label(device: torch.device) -> str:
     """What the row says ran the model: "cpu", or the GPU's name."""
     return str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)
+
+
+def _readable_last(trial: TrialStore | None, map_location) -> dict | None:
+    """The trial's `last.pt`, or None when there is none or it is damaged (then set aside:
+    training starts again from the initial weights, which the seed rebuilds)."""
+    if trial is None or not trial.has(schema.LAST_CKPT):
+        return None
+    try:
+        return trial.load(schema.LAST_CKPT, map_location=map_location)
+    except DamagedFile as err:
+        trial.study.set_aside(err, "training starts again from epoch 0")
+        return None
 
 
 @dataclass
@@ -85,8 +98,10 @@ class EpochRecord:
         schedule restored); otherwise a fresh record, saving the initial weights as
         `init.pt` when `write_init`. Returns the record and the checkpoint's extra state
         (what `checkpoint(**extra)` saved; empty for a fresh run)."""
-        if trial is not None and trial.has(schema.LAST_CKPT):
-            ckpt = trial.load(schema.LAST_CKPT, map_location=map_location)
+        ckpt = _readable_last(trial, map_location)
+        if ckpt is not None:
+            if write_init and not trial.has(schema.INIT_CKPT):  # the model is still at init
+                trial.save(schema.INIT_CKPT, cpu_state(model))
             model.load_state_dict(ckpt.pop("model"))
             optimizer.load_state_dict(ckpt.pop("optimizer"))
             scheduler.load_state_dict(ckpt.pop("scheduler"))
