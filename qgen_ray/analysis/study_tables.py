@@ -79,6 +79,23 @@ def infer_axes(trials: pd.DataFrame) -> list[str]:
     return axes
 
 
+def _one_grid(land: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
+    """Landscapes on one grid only: when models were computed on grids of different
+    sizes, keep the most common one and say which models were left out."""
+    sizes = land.groupby("model_id").size()
+    if sizes.nunique() <= 1:
+        return land
+    common = int(sizes.value_counts().idxmax())
+    left_out = sizes[sizes != common]
+    notes.append(
+        f"landscapes on {sizes.nunique()} grid sizes: Figure 2 averages the {common}-point "
+        f"grid of {int((sizes == common).sum())} models and leaves out {len(left_out)} "
+        f"(e.g. {left_out.index[0]}, {int(left_out.iloc[0])} points); recompute them with "
+        "`qgen landscape --models ... --steps N`"
+    )
+    return land[land["model_id"].isin(sizes.index[sizes == common])]
+
+
 def load_study(study_dir: str | Path) -> StudyTables:
     """Read `study_dir`. A folder without trials.parquet (or trial folders to rebuild it
     from) is a UserError; a damaged table is set aside and rebuilt or read as missing."""
@@ -108,6 +125,8 @@ def load_study(study_dir: str | Path) -> StudyTables:
             "lacks: fix the axes list or re-collect the study"
         )
     tables = {name: store.read_table(file) for name, file in OPTIONAL_TABLES.items()}
+    if tables["landscapes"] is not None:
+        tables["landscapes"] = _one_grid(tables["landscapes"], notes)
     return StudyTables(
         path=path,
         name=str(meta.get("study", path.name)),

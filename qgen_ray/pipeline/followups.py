@@ -15,7 +15,7 @@ import pandas as pd
 
 from qgen_ray import schema
 from qgen_ray.data import load_image_data
-from qgen_ray.errors import UserError
+from qgen_ray.errors import ItemsFailed, UserError, check_resources
 from qgen_ray.loaders import load_trials
 from qgen_ray.store import StudyStore
 
@@ -70,6 +70,9 @@ class Placement:
     address: str | None = None  # Ray cluster address; None = local Ray
     device: str = "auto"  # "auto" | "cpu" | "cuda"
 
+    def __post_init__(self):
+        check_resources(self.cpus_per_task, self.gpus_per_task, self.device, "task")
+
 
 def _fan(
     store: StudyStore,
@@ -101,6 +104,7 @@ def _fan(
         print(f"[{job}] {len(errors)} item(s) failed and will be retried on re-run:")
         for line in errors[:10]:
             print(f"  {line}")
+        raise ItemsFailed({job: errors})
     return errors
 
 
@@ -121,11 +125,18 @@ def measure_study(
         raise UserError(f"unknown measure mode {mode!r}; valid: {', '.join(PROTOCOLS)}")
     trials = ok_trials(store)
     done = store.read_table(schema.MEASURES)
-    have = set() if done is None else set(zip(done["model_id"], done["measure"]))
+    if done is None:
+        done = pd.DataFrame(columns=schema.MEASURES_COLUMNS)
+    # a row counts only in the mode asked for (a search-free measure is "exact" in both)
+    same = done[done["mode"].isin([mode, "exact"])]
+    have = set(zip(same["model_id"], same["measure"]))
     todo = [m for m in trials["model_id"] if any((m, n) not in have for n in names)]
+    other = sorted(set(done.loc[~done["mode"].isin([mode, "exact"]), "mode"]))
     print(
         f"[measure] {len(trials)} models, {len(trials) - len(todo)} already measured, "
-        f"{len(todo)} to measure ({mode} mode, {len(names)} measures)",
+        f"{len(todo)} to measure ({mode} mode, {len(names)} measures"
+        + (f"; rows in {', '.join(other)} mode are replaced" if other and todo else "")
+        + ")",
         flush=True,
     )
     if todo:
@@ -262,6 +273,11 @@ def landscape_study(
 ) -> str:
     """Filter-normalized loss surfaces of chosen models -> landscapes.parquet."""
 
+    if steps < 3 or per_precision < 1 or span <= 0:
+        raise UserError(
+            f"a landscape needs --steps >= 3 (got {steps}), --per-precision >= 1 (got "
+            f"{per_precision}) and a span > 0 (got {span}); the paper's grid is --steps 51"
+        )
     trials = ok_trials(store)
     chosen = models or pick_landscape_models(trials, per_precision)
     unknown = sorted(set(chosen) - set(trials["model_id"]))
@@ -270,9 +286,13 @@ def landscape_study(
             f"unknown or unfinished model id {unknown[0]}; see `qgen status {store.uri}`"
         )
     done = store.read_table(schema.LANDSCAPES)
-    have = set() if done is None else set(done["model_id"])
+    have = set() if done is None else _same_grid(done, steps, span)
     todo = [m for m in chosen if m not in have]
     print(f"[landscape] {len(chosen)} models, {len(todo)} to compute ({steps}x{steps} grid)")
+    stale = [] if done is None else sorted(set(todo) & set(done["model_id"]))
+    if stale:  # another grid of these models: replaced, never mixed with the new one
+        print(f"[landscape] {len(stale)} models have another grid; it is replaced", flush=True)
+        store.write_table(schema.LANDSCAPES, done[~done["model_id"].isin(stale)])
     if todo:
         _fan(
             store,
@@ -285,6 +305,13 @@ def landscape_study(
             kwargs={"steps": steps, "span": span, "seed": MEASURE_SEED},
         )
     return store.path(schema.LANDSCAPES)
+
+
+def _same_grid(done: pd.DataFrame, steps: int, span: float) -> set[str]:
+    """Models whose stored surface is the steps x steps grid over [-span, span]."""
+    grids = done.groupby("model_id")["x"].agg(["size", "min", "max"])
+    same = (grids["size"] == steps * steps) & ((grids["max"] - span).abs() < 1e-9)
+    return set(grids.index[same & ((grids["min"] + span).abs() < 1e-9)])
 
 
 def report_study(store: StudyStore) -> str:

@@ -14,7 +14,7 @@ import argparse
 import collections.abc
 
 from qgen_ray import schema
-from qgen_ray.errors import UserError, exit_on_user_error
+from qgen_ray.errors import ItemsFailed, UserError, check_resources, exit_on_user_error
 from qgen_ray.pipeline.study import STAGES, Study
 from qgen_ray.store import StudyStore
 
@@ -204,8 +204,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     stages = args.stages or list(study.stages)
     cpus = args.cpus_per_trial if args.cpus_per_trial is not None else study.cpus_per_trial
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else study.gpus_per_trial
-    if cpus <= 0 or gpus < 0:
-        raise UserError("--cpus-per-trial must be > 0 and --gpus-per-trial >= 0")
+    check_resources(cpus, gpus, args.device, "trial")
     pack = pack_size(args.pack, args.device, gpus)
     options = RunOptions(device=args.device, dtype=args.dtype, amp=args.amp,
                          channels_last=args.channels_last, compile=args.compile)  # fmt: skip
@@ -214,6 +213,7 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     store = StudyStore.for_study(args.storage, study.name)
     store.check_writable()
     outputs: dict[str, str] = {}
+    failures: dict[str, list[str]] = {}
     if "train" in stages:
         from qgen_ray.ray.session import init_ray
         from qgen_ray.ray.tune_study import run_training
@@ -240,13 +240,24 @@ def run(study: Study, args: argparse.Namespace) -> dict:
                 progress=not args.quiet,
             )
         outputs["trials"] = collect_trials(store, study.name, [s.model_id for s, _ in pending])
+        trials = store.read_table(schema.TRIALS)
+        failed = trials[trials["status"] == schema.STATUS_FAILED]
+        if len(failed):
+            failures["train"] = [f"{m}: {r}" for m, r in zip(failed["model_id"], failed["reason"])]
     for stage in STAGES[1:]:
         if stage in stages:
             from qgen_ray.pipeline import followups as stage_impl
 
-            outputs[stage] = stage_impl.run_stage(
-                stage, store, args, study.stage_options.get(stage, {})
-            )
+            try:
+                outputs[stage] = stage_impl.run_stage(
+                    stage, store, args, study.stage_options.get(stage, {})
+                )
+            except ItemsFailed as err:  # the next stages still run on what finished
+                failures.update(err.failures)
+    if failures:
+        for name, path in outputs.items():
+            print(f"{name:>10}: {path}")
+        raise ItemsFailed(failures)
     return outputs
 
 

@@ -18,6 +18,7 @@ import ray
 from ray.util import ActorPool
 
 from qgen_ray.data.base import ImageData
+from qgen_ray.ray.session import check_request
 from qgen_ray.store import StudyStore
 
 ACTOR_RETRIES = 3  # restarts of a dead worker actor, and retries of its task
@@ -77,6 +78,8 @@ def fan_out(
     Returns (the table after the run, error lines of items that raised).
     """
     from tqdm import tqdm
+
+    check_request(cpus, gpus, "--cpus-per-task / --gpus-per-task (a study's --gpus-per-trial)")
 
     errors: list[str] = []
     if not items:

@@ -13,6 +13,7 @@ it); a trial whose process dies is retried by Tune (`MAX_FAILURES`) and resumes.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import traceback
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from ray import tune
 from qgen_ray import schema
 from qgen_ray.data.base import ImageData
 from qgen_ray.provenance import provenance
+from qgen_ray.ray.session import check_request
 from qgen_ray.spec import RunOptions, TrainSpec, row_header
 from qgen_ray.store import StudyStore
 from qgen_ray.train import train
@@ -162,6 +164,7 @@ def run_training(
     model); results land in the store."""
     if not packs:
         return
+    check_request(cpus_per_trial, gpus_per_trial, "--cpus-per-trial / --gpus-per-trial")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     )
@@ -197,6 +200,9 @@ def run_training(
             callbacks=callbacks,
         ),
     )
+    # Ctrl-C stops the study at once (Tune's own handler would end the run quietly and
+    # let the next stages start on a partial population): finished models are stored.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tuner.fit()
 
 
