@@ -82,10 +82,11 @@ def status(store) -> str:
     record = store.read_record(schema.STUDY_JSON, "a re-run of the study script rewrites it")
     planned = record.get("num_models") if record else None
     counts = progress_counts(store)
-    finished = counts["ok"] + counts["diverged"]
+    finished = counts["ok"] + counts["diverged"] + counts["degenerate"]
     line = (
         f"{store.name}: {finished}/{planned if planned is not None else '?'} models done "
-        f"(ok {counts['ok']}, diverged {counts['diverged']}, failed {counts['failed']}), "
+        f"(ok {counts['ok']}, diverged {counts['diverged']}, degenerate "
+        f"{counts['degenerate']}, failed {counts['failed']}), "
         f"{counts['started']} started without a result"
     )
     for table in (schema.MEASURES, schema.CORRUPTIONS, schema.LANDSCAPES):
@@ -97,13 +98,7 @@ def status(store) -> str:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from qgen_ray.pipeline.followups import (
-        corrupt_study,
-        landscape_study,
-        measure_study,
-        placement_from_args,
-        report_study,
-    )
+    from qgen_ray.pipeline.followups import placement_from_args
     from qgen_ray.store import StudyStore
 
     args = build_parser().parse_args(argv)
@@ -116,7 +111,25 @@ def main(argv: list[str] | None = None) -> None:
     common = {"place": placement_from_args(args)} if hasattr(args, "gpus_per_task") else {}
     if args.command == "status":
         print(status(store))
-    elif args.command == "collect":
+        return
+    if not store.exists(schema.TRIALS) and not store.trial_ids():
+        _write_command(args, store, common)  # says there is no study, writes nothing
+        return
+    store.check_writable()
+    with store.claimed(f"qgen {args.command}"):
+        _write_command(args, store, common)
+
+
+def _write_command(args, store, common: dict) -> None:
+    """The commands that write into the study folder (one at a time per folder)."""
+    from qgen_ray.pipeline.followups import (
+        corrupt_study,
+        landscape_study,
+        measure_study,
+        report_study,
+    )
+
+    if args.command == "collect":
         from qgen_ray.pipeline.collect import collect
 
         if not store.trial_ids():

@@ -65,8 +65,8 @@ class ItemsFailed(Exception):
 
     def __init__(self, failures: dict[str, list[str]]):
         self.failures = failures
-        parts = [f"{stage}: {len(lines)} failed (e.g. {lines[0]})" for stage, lines in
-                 failures.items()]  # fmt: skip
+        parts = [f"{stage}: {len(lines)} failed (e.g. {lines[0].splitlines()[0][:200]})"
+                 for stage, lines in failures.items()]  # fmt: skip
         super().__init__("; ".join(parts) + "; a re-run retries them")
 
 

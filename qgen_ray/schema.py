@@ -56,6 +56,9 @@ HPARAM_COLUMNS = [
 STATUS_OK = "ok"
 STATUS_DIVERGED = "diverged"  # a non-finite training loss stopped the run
 STATUS_FAILED = "failed"  # an exception; `reason` holds it; a re-run retries it
+# finite, but its kept model is no better than a constant guess (training loss above
+# ln(classes) and accuracy at chance): kept out of the analysis like a diverged one
+STATUS_DEGENERATE = "degenerate"
 
 TRIALS_COLUMNS = [
     "model_id",  # stable hash of the scientific settings (TrainSpec.model_id)

@@ -12,7 +12,10 @@ import io
 import json
 import os
 import pickle
+import socket
 import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +40,20 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, bool]:
         return fs, path.rstrip("/"), False
     path = uri[len("file://") :] if uri.startswith("file://") else uri
     return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve()), True
+
+
+LOCK = ".qgen.lock"  # the study folder's writer (StudyStore.claimed)
+_CLAIMED: set[str] = set()  # study folders this process holds
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 REQUEUED = (
@@ -135,6 +152,50 @@ class StudyStore:
                 f"cannot write to storage {self.uri} ({err.__class__.__name__}: "
                 f"{str(err).splitlines()[0]}); pass --storage a writable folder or URI"
             ) from None
+
+    @contextmanager
+    def claimed(self, command: str):
+        """Hold the study folder for one writing run (`.qgen.lock`: pid, host, command,
+        since): a second run beside it stops with one line instead of training every
+        model again. A lock whose process is gone (same host, pid not alive) is taken
+        over; nested claims by the same process (a study script's stages) pass."""
+        if self.root in _CLAIMED:
+            yield
+            return
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        while not self._create_lock(me):
+            other = self.read_record(LOCK, "taken over") or {}
+            if other and (other.get("host") != me["host"] or _pid_alive(other.get("pid"))):
+                raise UserError(
+                    f"another run is writing {self.uri}: `{other.get('command')}` (pid "
+                    f"{other.get('pid')} on {other.get('host')} since {other.get('since')}); "
+                    f"wait for it or stop it (if it is gone, delete {self.path(LOCK)})"
+                )
+            self.delete(LOCK)  # its process is gone (or the lock was unreadable)
+        _CLAIMED.add(self.root)
+        try:
+            yield
+        finally:
+            _CLAIMED.discard(self.root)
+            self.delete(LOCK)
+
+    def _create_lock(self, me: dict) -> bool:
+        """Create the lock file if there is none (atomically on a local disk)."""
+        data = json.dumps(me).encode()
+        if not self.is_local:  # object stores have no exclusive create: best effort
+            if self.exists(LOCK):
+                return False
+            self.write_bytes(LOCK, data)
+            return True
+        os.makedirs(self.root, exist_ok=True)
+        try:
+            fd = os.open(self.path(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
 
     # -- JSON, torch, Parquet -------------------------------------------------------------
     def write_json(self, rel: str, obj) -> None:

@@ -15,7 +15,8 @@ import pandas as pd
 from qgen_ray import schema
 from qgen_ray.store import StudyStore
 
-FINISHED = (schema.STATUS_OK, schema.STATUS_DIVERGED)  # need no more training
+# need no more training (a re-run retries only failed ones)
+FINISHED = (schema.STATUS_OK, schema.STATUS_DIVERGED, schema.STATUS_DEGENERATE)
 
 
 def _kept_rows(store: StudyStore, table: str, columns, folders: set[str]) -> pd.DataFrame:
@@ -81,7 +82,7 @@ def finished_ids(store: StudyStore) -> set[str]:
 def progress_counts(store: StudyStore, planned: list[str] | None = None) -> dict:
     """Counts by status from the store alone; `started` = a trial folder without a
     result yet; models known only from trials.parquet count by their row."""
-    counts = {schema.STATUS_OK: 0, schema.STATUS_DIVERGED: 0, schema.STATUS_FAILED: 0, "started": 0}
+    counts = {status: 0 for status in (*FINISHED, schema.STATUS_FAILED)} | {"started": 0}
     done = set()
     for mid in store.trial_ids():
         result = store.trial(mid).result()

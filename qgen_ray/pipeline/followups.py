@@ -323,6 +323,14 @@ def report_study(store: StudyStore) -> str:
             "qgen report needs a local study folder; copy the Parquet tables "
             "down first (e.g. aws s3 sync s3://.../<study> ./<study>)"
         )
+    store.check_writable()
+    trials = load_trials(store.uri)
+    if not (trials["status"] == schema.STATUS_OK).any():
+        counts = trials["status"].value_counts().to_dict()
+        raise UserError(
+            f"no model of {store.uri} finished ok ({counts or 'no rows'}); nothing to report: "
+            f"see why with `qgen status {store.uri}` and re-run the study"
+        )
     return str(write_report(store.root))
 
 

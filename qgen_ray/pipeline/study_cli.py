@@ -191,8 +191,7 @@ def pending_models(store: StudyStore, plan: list, name: str, verb: str = "train"
 
 
 def run(study: Study, args: argparse.Namespace) -> dict:
-    """Run the study's stages; return {stage: output path}."""
-    from qgen_ray.data import load_image_data
+    """Check the study and the flags, then run its stages; return {stage: output path}."""
     from qgen_ray.spec import RunOptions
     from qgen_ray.store import StudyStore
     from qgen_ray.train.loop import resolve_dtype
@@ -212,6 +211,15 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     plan = study.plan()  # validates the grid before anything is written
     store = StudyStore.for_study(args.storage, study.name)
     store.check_writable()
+    with store.claimed(f"studies/{study.name}.py"):
+        return _run_stages(study, args, store, plan, stages, (cpus, gpus, pack), options)
+
+
+def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
+    """The stages of a checked study, in order, on a claimed store."""
+    from qgen_ray.data import load_image_data
+
+    cpus, gpus, pack = resources
     outputs: dict[str, str] = {}
     failures: dict[str, list[str]] = {}
     if "train" in stages:

@@ -48,6 +48,20 @@ def kept_metrics(train: tuple[float, float], test: tuple[float, float]) -> dict:
     }
 
 
+def degenerate_reason(train_loss: float, train_acc: float, num_classes: int, n: int) -> str:
+    """Why a finished model is no better than a constant guess, or "": its training loss
+    is above ln(classes) (a uniform prediction's) and its training accuracy within 3
+    binomial standard errors of chance (1 / classes over n images)."""
+    chance = 1.0 / num_classes
+    bar = chance + 3 * math.sqrt(chance * (1 - chance) / max(n, 1))
+    if train_loss > math.log(num_classes) and train_acc <= bar:
+        return (
+            f"kept model at chance: training loss {train_loss:.4g} > ln({num_classes}) = "
+            f"{math.log(num_classes):.3f} and training accuracy {train_acc:.3f} <= {bar:.3f}"
+        )
+    return ""
+
+
 def device_label(device: torch.device) -> str:
     """What the row says ran the model: "cpu", or the GPU's name."""
     return str(device) if device.type != "cuda" else torch.cuda.get_device_name(device)

@@ -31,7 +31,7 @@ from qgen_ray.quant import QuantTerms, step_sizes
 from qgen_ray.spec import RunOptions, TrainSpec
 from qgen_ray.store import TrialStore
 from qgen_ray.train.build import build_model
-from qgen_ray.train.epochs import EpochRecord, cpu_state, kept_metrics
+from qgen_ray.train.epochs import EpochRecord, cpu_state, degenerate_reason, kept_metrics
 from qgen_ray.train.evaluate import evaluate
 
 
@@ -227,6 +227,10 @@ def finish_row(
             kept_columns.update(_snap(model, data, device))
             record.best = cpu_state(model)
         kept_columns.update(_kept_model_metrics(model, data))
+        why = degenerate_reason(kept_columns["train_loss"], kept_columns["train_acc"],
+                                data.num_classes, len(data.train_x))  # fmt: skip
+        if status == schema.STATUS_OK and why:
+            status, reason = schema.STATUS_DEGENERATE, why
         kept_columns["steps"] = [{"model_id": spec.model_id, **s} for s in step_sizes(model)]
         if store is not None:
             kept_columns["final_ckpt"] = store.save(schema.FINAL_CKPT, record.best)
