@@ -109,10 +109,12 @@ class StudyStore:
                 self.fs.delete_file(tmp)
             except OSError:
                 pass  # never created, or already moved
-            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+            if getattr(err, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or (
+                "No space left" in str(err)
+            ):
                 raise UserError(
-                    f"no space left on the device writing {final}: free some space and "
-                    "re-run; finished results are kept"
+                    f"no space left on the device (or over a size quota) writing {final}: "
+                    "free some space and re-run; finished results are kept"
                 ) from None
             raise
 
@@ -150,7 +152,8 @@ class StudyStore:
         except OSError as err:
             raise UserError(
                 f"cannot write to storage {self.uri} ({err.__class__.__name__}: "
-                f"{str(err).splitlines()[0]}); pass --storage a writable folder or URI"
+                f"{str(err).splitlines()[0]}); make it writable, or pass --storage (a "
+                "study script) or the study folder (qgen) in a writable place"
             ) from None
 
     @contextmanager

@@ -158,4 +158,5 @@ def test_missing_checkpoint_is_one_line_exit_2(study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["measure", str(copy)])
     err = capsys.readouterr().err.strip()
-    assert exc.value.code == 2 and "\n" not in err and "no checkpoint" in err, err
+    assert exc.value.code == 2 and "\n" not in err and "lack init.pt or final.pt" in err, err
+    assert "re-run the study script" in err

@@ -108,6 +108,14 @@ def _fan(
     return errors
 
 
+def measure_todo(done: pd.DataFrame, models: list[str], names: list[str], mode: str) -> list[str]:
+    """The models still to measure: a stored row counts only when it was computed in the
+    mode asked for (a search-free measure, mode "exact", counts in both)."""
+    same = done[done["mode"].isin([mode, "exact"])]
+    have = set(zip(same["model_id"], same["measure"]))
+    return [m for m in models if any((m, n) not in have for n in names)]
+
+
 def measure_study(
     store: StudyStore,
     *,
@@ -127,10 +135,7 @@ def measure_study(
     done = store.read_table(schema.MEASURES)
     if done is None:
         done = pd.DataFrame(columns=schema.MEASURES_COLUMNS)
-    # a row counts only in the mode asked for (a search-free measure is "exact" in both)
-    same = done[done["mode"].isin([mode, "exact"])]
-    have = set(zip(same["model_id"], same["measure"]))
-    todo = [m for m in trials["model_id"] if any((m, n) not in have for n in names)]
+    todo = measure_todo(done, list(trials["model_id"]), names, mode)
     other = sorted(set(done.loc[~done["mode"].isin([mode, "exact"]), "mode"]))
     print(
         f"[measure] {len(trials)} models, {len(trials) - len(todo)} already measured, "
@@ -322,14 +327,6 @@ def report_study(store: StudyStore) -> str:
         raise UserError(
             "qgen report needs a local study folder; copy the Parquet tables "
             "down first (e.g. aws s3 sync s3://.../<study> ./<study>)"
-        )
-    store.check_writable()
-    trials = load_trials(store.uri)
-    if not (trials["status"] == schema.STATUS_OK).any():
-        counts = trials["status"].value_counts().to_dict()
-        raise UserError(
-            f"no model of {store.uri} finished ok ({counts or 'no rows'}); nothing to report: "
-            f"see why with `qgen status {store.uri}` and re-run the study"
         )
     return str(write_report(store.root))
 
