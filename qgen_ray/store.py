@@ -233,6 +233,8 @@ class StudyStore:
         try:
             return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
         except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
+            if "Weights only load failed" in str(err):
+                raise  # not damaged but refused: it holds more than tensors (never run)
             raise DamagedFile(rel, err) from None
 
     def write_table(self, rel: str, df: pd.DataFrame) -> None:

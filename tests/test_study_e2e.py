@@ -6,7 +6,6 @@ These start Ray (~15-30 s each on 2 cores), so they are marked slow; `make test`
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -71,8 +70,9 @@ def test_dtype_flag_reaches_every_trial(tmp_path):
 def test_a_packed_study_through_tune_equals_each_model_trained_alone(tmp_path):
     """--pack 2 in the reproducible mode: two packs of two, one Tune trial each, every
     model's row and checkpoints those of its spec trained alone. Then two models are
-    lost (one's result.json, the other's whole folder): the re-run with --pack 4 trains
-    only those two, as one pack (one resumes from its final last.pt, one starts afresh),
+    lost (one's result.json, the other's result and checkpoints but init.pt; a row without
+    any trial folder counts as done, see test_no_dead_ends): the re-run with --pack 4
+    trains only those two, as one pack (one resumes from its final last.pt, one starts afresh),
     leaves the others' results alone, and the numbers are again those of training alone."""
     from qgen_ray.data import load_image_data
     from qgen_ray.spec import RunOptions, TrainSpec
@@ -99,7 +99,8 @@ def test_a_packed_study_through_tune_equals_each_model_trained_alone(tmp_path):
 
     lost, kept = list(trials["model_id"][:2]), list(trials["model_id"][2:])
     os.remove(store.path(store.trial(lost[0]).rel(schema.RESULT_JSON)))
-    shutil.rmtree(store.path(store.trial(lost[1]).prefix))
+    for name in (schema.RESULT_JSON, schema.LAST_CKPT, schema.FINAL_CKPT):
+        os.remove(store.path(store.trial(lost[1]).rel(name)))
 
     def stamps():
         return {m: os.stat(store.path(store.trial(m).rel(schema.RESULT_JSON))).st_mtime_ns

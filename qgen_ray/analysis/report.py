@@ -26,7 +26,6 @@ from qgen_ray.analysis.render import (
 )
 from qgen_ray.analysis.study_tables import OPTIONAL_TABLES, POPULATION_KEYS, StudyTables, load_study
 from qgen_ray.analysis.tables import GAPS, tables_for
-from qgen_ray.errors import UserError
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -196,12 +195,6 @@ def report_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
 def write_report(study_dir: str | Path) -> Path:
     """Write <study>/report/report.md, report.html and the PNGs; return report.md's path."""
     study = load_study(study_dir)
-    if study.ok.empty:
-        counts = study.trials["status"].value_counts().to_dict()
-        raise UserError(
-            f"no model of {study.path} finished ok ({counts or 'no rows'}), so there is "
-            f"nothing to report; see why with `qgen status {study.path}` and re-run the study"
-        )
     out_dir = study.path / schema.REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = report_blocks(study, out_dir)
