@@ -101,6 +101,7 @@ MEASURES_COLUMNS = [
     "mode",  # "fast" | "faithful" | "exact"
     "forward_images",  # images pushed through the network by this measurement
     "seconds",
+    "paper_scale",  # sqrt(value / m), as the paper prints a bound (NaN for weight_norm)
 ]
 
 CORRUPTIONS_COLUMNS = ["model_id", "corruption", "severity", "loss", "accuracy", "gap"]

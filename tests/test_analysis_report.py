@@ -90,14 +90,14 @@ def test_full_report_figures_are_linked_and_real(full_report):
     folder = full_report.parent
     text = full_report.read_text()
     pngs = sorted(p.name for p in folder.glob("*.png"))
-    assert pngs == ["fig1_steps_synthetic_nin.png", "fig2_landscape_synthetic_nin.png",
-                    "training_synthetic_nin.png"]  # fmt: skip
+    assert pngs == ["claims_forest.png", "fig1_steps_synthetic_nin.png",
+                    "fig2_landscape_synthetic_nin.png", "training_synthetic_nin.png"]  # fmt: skip
     for name in pngs:
         assert f"]({name})" in text
-    assert_real_image(folder / pngs[0], *figures.FIGURE_SIZES["steps"])
+    assert_real_image(folder / pngs[1], *figures.FIGURE_SIZES["steps"])
     w, h = figures.LANDSCAPE_PANEL
-    assert_real_image(folder / pngs[1], w * len(BITS) + 1.0, 2 * h)
-    assert_real_image(folder / pngs[2], *figures.FIGURE_SIZES["curves"])
+    assert_real_image(folder / pngs[2], w * len(BITS) + 1.0, 2 * h)
+    assert_real_image(folder / pngs[3], *figures.FIGURE_SIZES["curves"])
 
 
 def test_full_report_html_is_self_contained(full_report):
@@ -122,7 +122,8 @@ def test_report_without_optional_tables(tmp_path):
     assert "## Table 1" in text
     for absent in ("## Table 2", "## Correlation", "## Figures", "## Tables 4-6"):
         assert absent not in text
-    assert not list((study / schema.REPORT_DIR).glob("*.png"))
+    # the claims' forest plot is the only figure: Table 1's claims need no optional table
+    assert [p.name for p in (study / schema.REPORT_DIR).glob("*.png")] == ["claims_forest.png"]
     assert (study / schema.REPORT_DIR / "report.html").is_file()
 
 

@@ -64,7 +64,7 @@ def measure_rows() -> pd.DataFrame:
         ("m4", "pacbayes_orig", 30.0, 0.5, 4.0, False, "fast"),
     ]
     frame = pd.DataFrame(rows, columns=schema.MEASURES_COLUMNS[:7])
-    return frame.assign(forward_images=0, seconds=1.0)[schema.MEASURES_COLUMNS]
+    return frame.assign(forward_images=0, seconds=1.0, paper_scale=np.nan)[schema.MEASURES_COLUMNS]
 
 
 def corruption_rows() -> pd.DataFrame:

@@ -28,6 +28,7 @@ from qgen_ray.analysis.study_tables import POPULATION_KEYS, StudyTables
 
 DPI = 100
 FIGURE_SIZES = {"steps": (8.0, 5.0), "curves": (11.0, 4.5)}
+FOREST_ROW_INCHES = 0.28  # the claims' forest plot grows with its rows
 LANDSCAPE_PANEL = (4.0, 4.25)  # inches per precision column (two rows: surface, contour)
 MAX_LAYER_TICK_LABELS = 24  # more layers than this: ticks show indices, not names
 CONTOUR_LEVELS = 20
@@ -154,6 +155,34 @@ def figure_landscapes(study: StudyTables, out_dir: Path) -> list[FigureFile]:
             )
         )
     return files
+
+
+def figure_claims(claims: pd.DataFrame, out_dir: Path) -> list[FigureFile]:
+    """The forest plot of the paired claims: per claim and comparison the median paired
+    difference and its 95% interval, relative to the higher precision's median |value|
+    (so claims in different units share one axis); marked by verdict."""
+    rows = claims.dropna(subset=["median_diff", "reference"])
+    rows = rows[(rows["reference"] > 0) & ~rows["verdict"].str.startswith("described")]
+    if rows.empty:
+        return []
+    colors = {"supported": "tab:green", "contradicted": "tab:red"}
+    fig = Figure(figsize=(9.0, 1.2 + FOREST_ROW_INCHES * len(rows)), dpi=DPI,
+                 layout="constrained")  # fmt: skip
+    ax = fig.add_subplot()
+    y = np.arange(len(rows))[::-1]
+    for yi, (_, r) in zip(y, rows.iterrows()):
+        color = colors.get(r["verdict"], "tab:gray")
+        ax.plot([r["ci_low"] / r["reference"], r["ci_high"] / r["reference"]], [yi, yi],
+                color=color, linewidth=2)  # fmt: skip
+        ax.plot(r["median_diff"] / r["reference"], yi, "o", color=color)
+    ax.axvline(0.0, color="k", linewidth=0.8)
+    ax.set_yticks(y, [f"{r['claim']} ({r['comparison']})" for _, r in rows.iterrows()], fontsize=7)
+    ax.set_xlabel("paired median difference (lower - higher precision) / median |higher|")
+    ax.set_title("Claims: green supported, red contradicted, grey inconclusive (95% CI)")
+    path = _save(fig, out_dir / "claims_forest.png")
+    caption = ("Forest plot of the claims: median paired difference with its 95% bootstrap "
+               "interval, relative to the higher precision.")  # fmt: skip
+    return [FigureFile(path, caption)]
 
 
 def figure_training_curves(study: StudyTables, out_dir: Path) -> list[FigureFile]:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from qgen_ray import schema
 from qgen_ray.analysis import figures
+from qgen_ray.analysis.claims import claims_table
 from qgen_ray.analysis.render import (
     Block,
     Bullets,
@@ -130,6 +131,14 @@ def _measure_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
             _table3_display(tables["table3"]),
         ),
     ]
+    if len(tables.get("table3_paper_scale", [])):
+        scaled = tables["table3_paper_scale"].assign(unconverged=0)
+        blocks.append(Table(
+            "Table 3 on the paper's scale: each bound as sqrt(bound / m), m the training-set "
+            "size (the reference implementation of Dziugaite et al. 2020, which QGen follows), "
+            "mean ± std over models; read these against the paper's Table 3.",
+            _table3_display(scaled).drop(columns=["unconverged searches"]),
+        ))  # fmt: skip
     return blocks + _correlation_blocks(tables)
 
 
@@ -162,10 +171,62 @@ def _figure_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
     return [Heading("Figures")] + [Image(f.caption, f.path.name) for f in drawn]
 
 
+def _claims_display(claims: pd.DataFrame) -> pd.DataFrame:
+    """claim | the paper says | this study | effect [95% CI] | n | p | p (Holm) | verdict."""
+    effect = [
+        f"{format_cell(d)} [{format_cell(lo)}, {format_cell(hi)}]"
+        for d, lo, hi in zip(claims["median_diff"], claims["ci_low"], claims["ci_high"])
+    ]
+    return pd.DataFrame({
+        "claim": claims["claim"], "source": claims["source"],
+        "comparison": claims["comparison"], "the paper says": claims["paper"],
+        "median ratio": claims["median_ratio"], "median difference [95% CI]": effect,
+        "pairs (unpaired)": [f"{n} ({u})" for n, u in zip(claims["n"], claims["unpaired"])],
+        "p": claims["p"], "p (Holm)": claims["p_holm"], "verdict": claims["verdict"],
+    })  # fmt: skip
+
+
+def _claims_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
+    """The Claims section: the paired tests, a plain summary, the forest plot."""
+    claims = claims_table(study)
+    if claims.empty:
+        return []
+    tested = claims[~claims["verdict"].str.startswith(("described", "no pairs"))]
+    counts = tested["verdict"].str.split(" ").str[0].value_counts()
+    summary = (
+        f"{len(tested)} paired comparisons tested: {counts.get('supported', 0)} support the "
+        f"paper, {counts.get('contradicted', 0)} contradict it, "
+        f"{counts.get('inconclusive', 0)} cannot be decided from this study."
+    )
+    for verdict in ("supported", "contradicted"):
+        hits = tested[tested["verdict"] == verdict]
+        if len(hits):
+            items = sorted({f"{c} ({k})" for c, k in zip(hits["claim"], hits["comparison"])})
+            summary += f" {verdict.capitalize()}: " + "; ".join(items) + "."
+    blocks: list[Block] = [
+        Heading("Claims: does the paper hold here?"),
+        Paragraph(
+            "Each quantized model against its FP32 twin (same optimizer, learning rate, weight "
+            "decay, width, depth, seed), and each precision against the next higher one: the "
+            "median paired difference (lower minus higher precision) with a seeded 95% "
+            "bootstrap interval, the Wilcoxon signed-rank p and Holm's correction over every "
+            "tested row. Supported / contradicted: Holm p < 0.05 with the interval on the "
+            "paper's / the other side of 0; otherwise inconclusive. Plain measures are "
+            "described only (the paper expects them to disagree)."
+        ),
+        Table("The paper's claims, tested on this study's twins.", _claims_display(claims)),
+        Paragraph(summary),
+    ]
+    blocks += [Image(f.caption, f.path.name) for f in figures.figure_claims(claims, out_dir)]
+    return blocks
+
+
 def report_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
     """The report's content; draws the figures into `out_dir` on the way."""
     tables = tables_for(study)
     blocks = _header(study)
+    if len(study.ok):
+        blocks += _claims_blocks(study, out_dir)
     blocks += [
         Heading("Trials"),
         Table(

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from qgen_ray import schema
+from qgen_ray.measures.formulas import paper_scale
 
 # optimizer -> its learning rates (conditional, as in the NiN grid)
 LEARNING_RATES = {"sgd": [0.1, 0.01], "adam": [1e-3, 1e-4]}
@@ -104,7 +105,8 @@ def _measures(trials: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     rows = []
     for t in trials.itertuples():
         norm = 40.0 * (t.bits / 32) ** 0.5 * t.width / 10
-        rows.append((t.model_id, "weight_norm", norm, np.nan, np.nan, True, "exact", 0, 0.1))
+        exact = (t.model_id, "weight_norm", norm, np.nan, np.nan, True, "exact", 0, 0.1, np.nan)
+        rows.append(exact)
         for k, name in enumerate(SEARCHED_MEASURES):
             sigma = 0.05 / (1 + 4 * t.gap_loss + rng.normal(0, 0.2 + 0.3 * k)) ** 2
             sigma = abs(sigma)
@@ -120,6 +122,7 @@ def _measures(trials: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
                     "fast",
                     40_000,
                     2.0,
+                    paper_scale(bound, t.num_train),
                 )
             )
     return pd.DataFrame(rows, columns=schema.MEASURES_COLUMNS)

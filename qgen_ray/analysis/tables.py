@@ -4,6 +4,8 @@
     table1        per dataset, model, precision: mean train/test accuracy and loss, gaps, n
     table2        weight norm (measure "weight_norm") per precision: mean, std, n
     table3        every measure per precision: mean, std, n, unconverged searches
+    table3_paper_scale
+                  every bound as the paper prints it, sqrt(bound / m): mean, std, n
     orientation   the sign applied to each measure before correlating, and why
     correlation_gap_loss / correlation_gap_acc
                   Kendall tau, tau-b, psi_i per axis (with groups used / dropped) and Psi
@@ -28,12 +30,14 @@ from qgen_ray.analysis.correlation import (
     kendall_tau_b,
 )
 from qgen_ray.analysis.orientation import (
+    FLATNESS_SUFFIX,
     convergence_frame,
     measure_frame,
     orientation_table,
     oriented,
 )
 from qgen_ray.analysis.study_tables import POPULATION_KEYS, StudyTables, load_study
+from qgen_ray.measures.formulas import paper_scale
 
 BY_PRECISION = [*POPULATION_KEYS, "precision"]
 TABLE1_COLUMNS = ["train_acc", "test_acc", "train_loss", "test_loss", "gap_loss", "gap_acc"]
@@ -87,6 +91,19 @@ def table3(study: StudyTables) -> pd.DataFrame:
         "converged"
     ].agg(lambda s: int(s.eq(False).sum()))
     return out.merge(unconverged.rename("unconverged").reset_index())
+
+
+def table3_paper_scale(study: StudyTables) -> pd.DataFrame:
+    """Table 3 as the paper prints it: every bound (not the weight norm, not the
+    flatness columns) as sqrt(bound / m), mean and std over models per precision."""
+    long = _measures_long(study)
+    long = long[~long["measure"].str.endswith(FLATNESS_SUFFIX) & (long["measure"] != WEIGHT_NORM)]
+    m = study.ok.set_index("model_id")["num_train"] if "num_train" in study.ok else None
+    if m is None or long.empty:
+        return pd.DataFrame(columns=[*POPULATION_KEYS, "measure", "precision", "n", "mean", "std"])
+    scaled = [paper_scale(v, int(m[i])) for v, i in zip(long["value"], long["model_id"])]
+    long = long.assign(value=scaled)
+    return _mean_std(long, [*POPULATION_KEYS, "measure", "precision"], "value")
 
 
 def _population_axes(models: pd.DataFrame, axes: list[str]) -> list[str]:
@@ -154,6 +171,7 @@ def tables_for(study: StudyTables) -> dict[str, pd.DataFrame]:
     if study.has("measures"):
         tables["table2"] = table2(study)
         tables["table3"] = table3(study)
+        tables["table3_paper_scale"] = table3_paper_scale(study)
         tables["orientation"] = orientation_table(list(measure_frame(study.measures).columns))
         for gap in GAPS:
             tables[f"correlation_{gap}"] = correlation_table(study, gap)

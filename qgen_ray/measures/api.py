@@ -28,6 +28,7 @@ from qgen_ray.measures.formulas import (
     flatness,
     magnitude_aware_bound,
     pacbayes_bound,
+    paper_scale,
     sharpness_bound,
     weight_norm,
 )
@@ -161,6 +162,7 @@ def compute_measures(
                 protocol.mode,
                 images,
                 result.seconds / share + time.perf_counter() - start,
+                m,
             )
         )
     return rows
@@ -174,7 +176,9 @@ def _row(
     mode: str,
     forward_images: int,
     seconds: float,
+    m: int | None = None,
 ) -> dict:
+    """A measures.parquet row; with `m` (a bound's training-set size) its paper scale."""
     row = {
         "measure": measure,
         "value": float(value),
@@ -184,6 +188,7 @@ def _row(
         "mode": mode,
         "forward_images": int(forward_images),
         "seconds": float(seconds),
+        "paper_scale": math.nan if m is None else paper_scale(float(value), m),
     }
     assert list(row) == ROW_COLUMNS, "row keys drifted from schema.MEASURES_COLUMNS"
     return row

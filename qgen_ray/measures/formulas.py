@@ -59,6 +59,13 @@ def magnitude_aware_bound(
     return float(0.25 * torch.log(numerator / denominator).sum()) + math.log(m / sigma) + 10
 
 
+def paper_scale(bound: float, m: int) -> float:
+    """A bound as the paper prints it: QGen follows the reference implementation of
+    Dziugaite et al. 2020, which reports a (non-log) bound as sqrt(bound / m), m the
+    training-set size (docs/method.md §3)."""
+    return math.sqrt(bound / m) if bound >= 0 and m > 0 else math.nan
+
+
 def flatness(radius: float) -> float:
     """Raw flatness 1/σ² (pacbayes.flatness, eq. 53; pacbayes.mag.flatness, eq. 61) or
     1/α² (the sharpness counterparts)."""
