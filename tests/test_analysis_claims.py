@@ -105,6 +105,7 @@ def test_the_report_opens_with_the_claims_and_prints_table_3_on_the_paper_scale(
     md = write_report(study).read_text()
     assert md.index("## Claims") < md.index("## Trials") < md.index("## Table 1")
     assert "paired comparisons tested" in md and (study / "report" / "claims_forest.png").exists()
+    assert "Kendall tau with gap_loss is above 0 at 95% for" in md  # built to predict it
     scaled = build_tables(study)["table3_paper_scale"]
     measures = pd.read_parquet(study / schema.MEASURES)
     trials = pd.read_parquet(study / schema.TRIALS).set_index("model_id")
@@ -115,3 +116,16 @@ def test_the_report_opens_with_the_claims_and_prints_table_3_on_the_paper_scale(
     assert scaled["mean"].between(0, 100).all()  # the paper's values are ~1-30, not ~1e4
     assert "Table 3 on the paper's scale" in md
     assert md == write_report(study).read_text()  # reported twice: the same bytes
+
+
+def test_the_landscape_statistic_is_the_mean_rise_over_the_grid_centred_on_float_zero():
+    study = _study(groups=2)
+    grid = np.linspace(-1, 1, 5, dtype=np.float32) + np.float32(3e-8)  # 0 is not exact
+    rows = [{"model_id": m, "x": float(x), "y": float(y), "loss": 1.0 + b / 32 * (x**2 + y**2)}
+            for m, b in zip(study.trials["model_id"], study.trials["bits"])
+            for x in grid for y in grid]  # fmt: skip
+    study.landscapes = pd.DataFrame(rows)
+    table = claims_table(study)
+    row = _get(table, "loss landscape", "int2 vs FP32")
+    mean_rise = float(np.mean([[x**2 + y**2 for x in grid] for y in grid]))
+    assert row["n"] == 2 and row["median_diff"] == pytest.approx((2 / 32 - 1) * mean_rise, rel=1e-4)

@@ -188,3 +188,17 @@ def test_conditional_levels_with_two_parents_and_any_axis_order():
     out, notes = conditional_levels(models, ["lr", "optimizer"])  # lr listed first
     assert out["lr"].tolist() == [2, 1, 2, 1]
     assert notes == ["lr depends on optimizer: grouped by its level within optimizer"]
+
+
+def test_tau_interval_covers_tau_excludes_zero_only_for_a_real_relation_and_is_seeded():
+    from qgen_ray.analysis.correlation import kendall_tau_interval
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=200)
+    related, unrelated = x + rng.normal(0, 0.5, 200), rng.normal(size=200)
+    low, high = kendall_tau_interval(x, related)
+    assert 0.3 < low < kendall_tau(x, related) < high < 1.0
+    low0, high0 = kendall_tau_interval(x, unrelated)
+    assert low0 < 0 < high0 and high0 - low0 < 0.25  # ~ ±2 se of tau at n = 200
+    assert kendall_tau_interval(x, related) == (low, high)
+    assert all(np.isnan(kendall_tau_interval([1, 2], [2, 1])))

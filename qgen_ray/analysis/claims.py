@@ -91,8 +91,9 @@ def _landscape_rise(study: StudyTables) -> pd.DataFrame | None:
     centre (the trained weights). Lower is flatter."""
     if not study.has("landscapes"):
         return None
-    land = study.landscapes
-    centre = land.loc[(land["x"].abs() < 1e-12) & (land["y"].abs() < 1e-12), ["model_id", "loss"]]
+    land = study.landscapes.assign(r=study.landscapes["x"].abs() + study.landscapes["y"].abs())
+    # the grid point nearest (0, 0) per model (a float grid holds 0 only approximately)
+    centre = land.loc[land.groupby("model_id")["r"].idxmin(), ["model_id", "loss"]]
     mean = land.groupby("model_id", as_index=False)["loss"].mean()
     out = mean.merge(centre, on="model_id", suffixes=("", "_centre"))
     return out.assign(value=out["loss"] - out["loss_centre"])[["model_id", "value"]]
@@ -199,7 +200,8 @@ def verdict(row: pd.Series, direction: str | None) -> str:
     if row["n"] == 0:
         return "no pairs"
     if row["n"] < MIN_PAIRS_FOR_05:
-        return f"inconclusive ({row['n']} pairs cannot reach p < 0.05)"
+        pairs = f"{row['n']} pair{'s' if row['n'] != 1 else ''}"
+        return f"inconclusive ({pairs} cannot reach p < 0.05)"
     side = HIGHER if row["ci_low"] > 0 else LOWER if row["ci_high"] < 0 else None
     if not row["p_holm"] < ALPHA or side is None:
         return "inconclusive"

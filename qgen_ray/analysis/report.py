@@ -81,7 +81,10 @@ def _table3_display(table3: pd.DataFrame) -> pd.DataFrame:
 def _correlation_display(table: pd.DataFrame) -> pd.DataFrame:
     """tau, tau-b, Psi, and per axis "psi (groups used / groups)"."""
     axes = [c.removeprefix("psi_") for c in table.columns if c.startswith("psi_")]
-    out = table[[*POPULATION_KEYS, "measure", "n", "tau", "tau_b"]].copy()
+    out = table[[*POPULATION_KEYS, "measure", "n", "tau"]].copy()
+    bounds = zip(table["tau_low"], table["tau_high"])
+    out["tau 95% CI"] = [f"[{format_cell(lo)}, {format_cell(hi)}]" for lo, hi in bounds]
+    out["tau_b"] = table["tau_b"]
     for axis in axes:
         used, dropped = table[f"groups_{axis}"], table[f"dropped_{axis}"]
         out[f"ψ {axis} (groups)"] = [
@@ -98,7 +101,8 @@ def _correlation_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
         Paragraph(
             "Each measure is oriented so that larger predicts a larger gap (table below). "
             "tau: the pairwise-sign Kendall coefficient over all ok models of the population "
-            "(ties count 0); tau_b: scipy's tie-corrected tau. ψ axis: the mean tau over the "
+            "(ties count 0), with a seeded 95% bootstrap interval over models; tau_b: "
+            "scipy's tie-corrected tau. ψ axis: the mean tau over the "
             "groups of models that differ only in that axis, with (groups used / groups); a "
             "group with fewer than 2 models or a constant measure or gap has no tau and is "
             "dropped. Ψ: the mean of the defined ψ (Jiang et al. 2019)."
@@ -186,7 +190,23 @@ def _claims_display(claims: pd.DataFrame) -> pd.DataFrame:
     })  # fmt: skip
 
 
-def _claims_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
+def _predictors(tables: dict[str, pd.DataFrame]) -> str:
+    """Section 4 in one sentence: the measures whose Kendall tau with gap_loss has a 95%
+    bootstrap interval above 0 (they predict the gap), per population."""
+    table = tables.get("correlation_gap_loss")
+    if table is None or table.empty:
+        return ""
+    above = table[table["tau_low"] > 0]
+    named = "; ".join(f"{m} (tau {format_cell(t)}, n {n})"
+                      for m, t, n in zip(above["measure"], above["tau"], above["n"]))  # fmt: skip
+    return (
+        "Section 4 (which measures predict the generalization gap): "
+        + (f"Kendall tau with gap_loss is above 0 at 95% for {named}." if named else
+           "no measure's Kendall tau with gap_loss has a 95% interval above 0 here.")
+    )  # fmt: skip
+
+
+def _claims_blocks(study: StudyTables, out_dir: Path, tables: dict) -> list[Block]:
     """The Claims section: the paired tests, a plain summary, the forest plot."""
     claims = claims_table(study)
     if claims.empty:
@@ -217,6 +237,8 @@ def _claims_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
         Table("The paper's claims, tested on this study's twins.", _claims_display(claims)),
         Paragraph(summary),
     ]
+    if predictors := _predictors(tables):
+        blocks.append(Paragraph(predictors))
     blocks += [Image(f.caption, f.path.name) for f in figures.figure_claims(claims, out_dir)]
     return blocks
 
@@ -226,7 +248,7 @@ def report_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
     tables = tables_for(study)
     blocks = _header(study)
     if len(study.ok):
-        blocks += _claims_blocks(study, out_dir)
+        blocks += _claims_blocks(study, out_dir, tables)
     blocks += [
         Heading("Trials"),
         Table(

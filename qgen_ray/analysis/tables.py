@@ -28,6 +28,7 @@ from qgen_ray.analysis.correlation import (
     granulated_kendall_by_axis,
     kendall_tau,
     kendall_tau_b,
+    kendall_tau_interval,
 )
 from qgen_ray.analysis.orientation import (
     FLATNESS_SUFFIX,
@@ -44,7 +45,9 @@ TABLE1_COLUMNS = ["train_acc", "test_acc", "train_loss", "test_loss", "gap_loss"
 GAPS = ["gap_loss", "gap_acc"]
 WEIGHT_NORM = "weight_norm"
 # The columns a correlation table always has (psi_/groups_/dropped_<axis> come per axis).
-CORRELATION_COLUMNS = [*POPULATION_KEYS, "measure", "n", "tau", "tau_b", "Psi"]
+CORRELATION_COLUMNS = [
+    *POPULATION_KEYS, "measure", "n", "tau", "tau_low", "tau_high", "tau_b", "Psi",
+]  # fmt: skip
 
 
 def status_table(study: StudyTables) -> pd.DataFrame:
@@ -127,6 +130,7 @@ def correlation_table(study: StudyTables, gap: str) -> pd.DataFrame:
             row: dict = dict(zip(POPULATION_KEYS, key))
             row.update(measure=measure, n=len(usable))
             row["tau"] = kendall_tau(usable[measure], usable[gap])
+            row["tau_low"], row["tau_high"] = kendall_tau_interval(usable[measure], usable[gap])
             row["tau_b"] = kendall_tau_b(usable[measure], usable[gap])
             by_axis = granulated_kendall_by_axis(usable, measure, gap, axes)
             for axis, r in by_axis.items():
