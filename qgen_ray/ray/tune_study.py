@@ -114,10 +114,8 @@ class ProgressLine(tune.Callback):
     def _status(self, model_id: str) -> str:
         if self.store is None:
             return schema.STATUS_OK
-        try:
-            return self.store.trial(model_id).read_result()["status"]
-        except (OSError, KeyError, ValueError):
-            return schema.STATUS_FAILED  # ended without a readable result
+        result = self.store.trial(model_id).result()  # a damaged one is set aside
+        return result.get("status", schema.STATUS_FAILED) if result else schema.STATUS_FAILED
 
     def on_step_end(self, iteration, trials, **info):
         self._print(trials)
