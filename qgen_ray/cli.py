@@ -6,7 +6,7 @@ qgen measure <study_dir> [--mode fast|faithful] [--measures ...] [--gpus-per-tas
 qgen corrupt <study_dir> [--corruptions ...] [--severities ...] [--corrupt-root DIR]
                                          (ImageNet: --corrupt-root IMAGENET-C --data-root DIR)
 qgen landscape <study_dir> [--models ID ...] [--steps N]
-qgen report <study_dir>
+qgen report <study_dir> [--out DIR]     (a study on s3://... needs --out, a local folder)
 qgen cluster-check [cluster.yaml]        Ray's schema + security rules, offline
 """
 
@@ -65,9 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     la.add_argument("--per-precision", type=int, default=1)
     la.add_argument("--steps", type=int, default=51, help="grid points per axis (paper 51)")
-    _common(
-        sub.add_parser("report", help="report.md / report.html with tables and figures"),
-        gpu_flag=False,
+    r = sub.add_parser("report", help="report.md / report.html with tables and figures")
+    _common(r, gpu_flag=False)
+    r.add_argument(
+        "--out",
+        default=None,
+        help="local folder for the report (default <study>/report; needed for s3://...); "
+        "the study itself is then only read",
     )
     cc = sub.add_parser("cluster-check", help="check a `ray up` config offline before using it")
     cc.add_argument("config", nargs="?", default="cluster.yaml", help="default ./cluster.yaml")
@@ -111,6 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     common = {"place": placement_from_args(args)} if hasattr(args, "gpus_per_task") else {}
     if args.command == "status":
         print(status(store))
+        return
+    if args.command == "report" and (args.out is not None or not store.is_local):
+        from qgen_ray.pipeline.followups import report_study
+
+        # reads the study through its store (rebuilding a missing trials.parquet, as any
+        # reader does) and writes the report into `out` only
+        print(report_study(store, out=args.out))
         return
     if not store.exists(schema.TRIALS) and not store.trial_ids():
         _write_command(args, store, common)  # says there is no study, writes nothing

@@ -128,3 +128,33 @@ def test_the_landscape_statistic_is_the_mean_rise_over_the_grid_centred_on_float
     row = _get(table, "loss landscape", "int2 vs FP32")
     mean_rise = float(np.mean([[x**2 + y**2 for x in grid] for y in grid]))
     assert row["n"] == 2 and row["median_diff"] == pytest.approx((2 / 32 - 1) * mean_rise, rel=1e-4)
+
+
+def test_corruption_claims_are_tested_per_corruption_and_severity_in_their_own_family():
+    from qgen_ray.analysis.claims import corruption_claims
+
+    study = _study()
+    rng = np.random.default_rng(1)
+    rows = []
+    for model_id, bits in zip(study.ok["model_id"], study.ok["bits"]):
+        q = bits < 32
+        for severity in (1, 2, 3):
+            # fog: quantized models' gap 0.3 lower (holds); snow: 0.3 higher (contradicted)
+            rows += [
+                {"model_id": model_id, "corruption": "fog", "severity": severity,
+                 "gap": 1.0 - 0.3 * q + rng.normal(0, 0.01)},
+                {"model_id": model_id, "corruption": "snow", "severity": severity,
+                 "gap": 1.0 + 0.3 * q + rng.normal(0, 0.01)},
+            ]  # fmt: skip
+    study.corruptions = pd.DataFrame(rows)
+    claims = corruption_claims(study)
+    assert [c.name for c in claims] == [
+        "gap on fog is smaller", "gap on snow is smaller",
+        *[f"gap at severity {s} is smaller" for s in (1, 2, 3)],
+    ]  # fmt: skip
+    table = claims_table(study, claims)
+    assert _get(table, "gap on fog", "int2 vs FP32")["verdict"] == "supported"
+    assert _get(table, "gap on snow", "int2 vs FP32")["verdict"] == "contradicted"
+    # per severity, fog and snow cancel: nothing to call
+    assert _get(table, "gap at severity 2", "int4 vs FP32")["verdict"] == "inconclusive"
+    assert len(table) == 5 * 5  # 5 claims x (3 against FP32 + 2 between quantized)

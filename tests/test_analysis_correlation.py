@@ -202,3 +202,23 @@ def test_tau_interval_covers_tau_excludes_zero_only_for_a_real_relation_and_is_s
     assert low0 < 0 < high0 and high0 - low0 < 0.25  # ~ ±2 se of tau at n = 200
     assert kendall_tau_interval(x, related) == (low, high)
     assert all(np.isnan(kendall_tau_interval([1, 2], [2, 1])))
+
+
+def test_psi_resamples_equal_granulated_kendall_of_the_resampled_models():
+    from qgen_ray.analysis.correlation import granulated_kendall, psi_interval, psi_resamples
+
+    rng = np.random.default_rng(3)
+    n = 60
+    df = pd.DataFrame({"a": rng.integers(0, 3, n), "b": rng.integers(0, 3, n),
+                       "c": rng.integers(0, 2, n), "m": rng.normal(size=n)})  # fmt: skip
+    df["g"] = df["m"] + rng.normal(0, 1, n)  # continuous: no ties between distinct models
+    axes = ["a", "b", "c"]
+    draws = rng.integers(0, n, (20, n))
+    counts = np.stack([np.bincount(d, minlength=n) for d in draws], axis=1).astype(float)
+    fast = psi_resamples(df, "m", "g", axes, counts)
+    slow = [granulated_kendall(df.iloc[d], "m", "g", axes)[1] for d in draws]
+    np.testing.assert_allclose(fast, slow, atol=1e-12)
+    low, high = psi_interval(df, "m", "g", axes)
+    psi = granulated_kendall(df, "m", "g", axes)[1]
+    assert low < psi < high and high - low < 1
+    assert psi_interval(df, "m", "g", axes) == (low, high)  # seeded

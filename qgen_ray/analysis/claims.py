@@ -134,6 +134,34 @@ CLAIMS = [
 ]  # fmt: skip
 
 
+def _corruption_cell(column: str, value):
+    """The gap per model on one corruption (mean over severities) or one severity (mean
+    over corruptions)."""
+
+    def values(study: StudyTables) -> pd.DataFrame | None:
+        rows = study.corruptions[study.corruptions[column] == value]
+        gap = rows.groupby("model_id", as_index=False)["gap"].mean()
+        return gap.rename(columns={"gap": "value"})
+
+    return values
+
+
+def corruption_claims(study: StudyTables) -> list[Claim]:
+    """Tables 4-6 per corruption and per severity: one claim each, for a family of its own
+    (`claims_table(study, corruption_claims(study))` applies Holm within it)."""
+    if not study.has("corruptions"):
+        return []
+    table = study.corruptions
+    names = list(dict.fromkeys(table["corruption"]))
+    return [
+        *[Claim(f"gap on {c} is smaller", "Table 4", "lower when quantized",
+                _corruption_cell("corruption", c), LOWER) for c in names],
+        *[Claim(f"gap at severity {v} is smaller", "Table 5", "lower when quantized",
+                _corruption_cell("severity", v), LOWER)
+          for v in sorted(table["severity"].unique())],
+    ]  # fmt: skip
+
+
 def _comparisons(bits: list[int], against_fp32: bool) -> list[tuple[int, int]]:
     """(lower, higher) precision pairs: each quantized one against FP32, and each
     quantized one against the next higher quantized one."""
@@ -237,6 +265,7 @@ __all__ = [
     "CLAIMS_COLUMNS",
     "Claim",
     "claims_table",
+    "corruption_claims",
     "holm",
     "paired_test",
     "pair_values",

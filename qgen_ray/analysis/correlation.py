@@ -116,6 +116,73 @@ def granulated_kendall(
     return psi, (float(np.mean(defined)) if defined else math.nan)
 
 
+def _groups(data: pd.DataFrame, others: list[str]) -> list[np.ndarray]:
+    """Row positions of each group of models sharing every axis in `others`."""
+    if not others:
+        return [np.arange(len(data))]
+    return [np.asarray(i) for i in data.groupby(others, dropna=False).indices.values()]
+
+
+def psi_resamples(
+    data: pd.DataFrame, measure: str, gap: str, hparams: list[str], counts: np.ndarray
+) -> np.ndarray:
+    """Psi of each bootstrap resample of `data`'s rows; `counts` (rows x resamples) says
+    how often each row was drawn. A resampled group's tau is sum over ordered pairs of
+    draws of sign(dx) sign(dy) / (k (k - 1)) (a row drawn twice pairs with itself as a tie,
+    as `kendall_tau` counts it); a group counts when at least 2 distinct models of a group
+    with a defined tau were drawn. Equal to `granulated_kendall` of the resampled frame
+    whenever no two distinct models tie."""
+    from scipy import sparse
+
+    x, y = data[measure].to_numpy(float), data[gap].to_numpy(float)
+    n, resamples = counts.shape
+    psis = []
+    for axis in hparams:
+        groups = _groups(data, [h for h in hparams if h != axis])
+        groups = [g for g in groups if _has_tau(data.iloc[g], measure, gap)]
+        if not groups:
+            continue
+        rows = np.concatenate([np.repeat(g, len(g)) for g in groups])
+        cols = np.concatenate([np.tile(g, len(g)) for g in groups])
+        signs = np.sign(x[rows] - x[cols]) * np.sign(y[rows] - y[cols])
+        pairs = sparse.csr_matrix((signs, (rows, cols)), shape=(n, n))
+        member = np.concatenate(groups)
+        of = np.concatenate([np.full(len(g), k) for k, g in enumerate(groups)])
+        indicator = sparse.csr_matrix((np.ones(len(member)), (of, member)), shape=(len(groups), n))
+        numerator = indicator @ (counts * (pairs @ counts))
+        k = indicator @ counts
+        distinct = indicator @ (counts > 0).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            tau = np.where(distinct >= 2, numerator / (k * (k - 1)), np.nan)
+        used = np.isfinite(tau).sum(axis=0)
+        psis.append(np.where(used > 0, np.nansum(tau, axis=0) / np.maximum(used, 1), np.nan))
+    if not psis:
+        return np.full(resamples, np.nan)
+    stacked = np.vstack(psis)
+    defined = np.isfinite(stacked).sum(axis=0)
+    return np.where(defined > 0, np.nansum(stacked, axis=0) / np.maximum(defined, 1), np.nan)
+
+
+def psi_interval(
+    df: pd.DataFrame, measure: str, gap: str, hparams: list[str], confidence: float = 0.95
+) -> tuple[float, float]:
+    """A seeded percentile-bootstrap interval of Psi over models (rows resampled with
+    replacement, `TAU_RESAMPLES` times); (NaN, NaN) below 3 models or without axes."""
+    data = df.dropna(subset=[measure, gap]).reset_index(drop=True)
+    n = len(data)
+    if n < 3 or not hparams:
+        return math.nan, math.nan
+    rng = np.random.default_rng(TAU_SEED)
+    draws = rng.integers(0, n, (TAU_RESAMPLES, n))
+    counts = np.stack([np.bincount(d, minlength=n) for d in draws], axis=1).astype(float)
+    psis = psi_resamples(data, measure, gap, hparams, counts)
+    psis = psis[np.isfinite(psis)]
+    if not len(psis):
+        return math.nan, math.nan
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(psis, tail)), float(np.percentile(psis, 100 - tail))
+
+
 def conditional_levels(models: pd.DataFrame, axes: list[str]) -> tuple[pd.DataFrame, list[str]]:
     """Replace an axis whose values depend on another axis by its level within that axis.
 

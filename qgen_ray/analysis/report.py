@@ -1,5 +1,7 @@
-"""`write_report(study_dir)`: the study's tables and figures as <study>/report/report.md,
-report.html (self-contained; PNGs beside it, linked by relative path) and the PNG figures.
+"""`write_report(study_dir, out=None)`: the study's tables and figures as report.md,
+report.html (self-contained; PNGs beside it, linked by relative path) and the PNG figures,
+in <study>/report or in `out` (the study may then be on any pyarrow filesystem, s3://...:
+its Parquet tables are read through the store, nothing is written there).
 
 Whatever is missing (no measures yet, no corruptions, no landscapes) is stated in the
 report instead of failing; only a folder without trials.parquet is an error.
@@ -13,7 +15,8 @@ import pandas as pd
 
 from qgen_ray import schema
 from qgen_ray.analysis import figures
-from qgen_ray.analysis.claims import claims_table
+from qgen_ray.analysis.claims import claims_table, corruption_claims
+from qgen_ray.analysis.paper_numbers import CITATION, TITLES, paper_settings
 from qgen_ray.analysis.render import (
     Block,
     Bullets,
@@ -27,6 +30,7 @@ from qgen_ray.analysis.render import (
 )
 from qgen_ray.analysis.study_tables import OPTIONAL_TABLES, POPULATION_KEYS, StudyTables, load_study
 from qgen_ray.analysis.tables import GAPS, tables_for
+from qgen_ray.errors import UserError
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
@@ -92,6 +96,8 @@ def _correlation_display(table: pd.DataFrame) -> pd.DataFrame:
             for p, u, d in zip(table[f"psi_{axis}"], used, dropped)
         ]
     out["Ψ"] = table["Psi"]
+    bounds = zip(table["Psi_low"], table["Psi_high"])
+    out["Ψ 95% CI"] = [f"[{format_cell(lo)}, {format_cell(hi)}]" for lo, hi in bounds]
     return out
 
 
@@ -105,7 +111,8 @@ def _correlation_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
             "scipy's tie-corrected tau. ψ axis: the mean tau over the "
             "groups of models that differ only in that axis, with (groups used / groups); a "
             "group with fewer than 2 models or a constant measure or gap has no tau and is "
-            "dropped. Ψ: the mean of the defined ψ (Jiang et al. 2019)."
+            "dropped. Ψ: the mean of the defined ψ (Jiang et al. 2019), with a seeded 95% "
+            "bootstrap interval over models (the same resampling as tau's)."
         ),
         Table("Orientation of each measure.", tables["orientation"]),
     ]
@@ -146,12 +153,20 @@ def _measure_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
     return blocks + _correlation_blocks(tables)
 
 
-def _corruption_blocks(tables: dict[str, pd.DataFrame]) -> list[Block]:
+def _corruption_blocks(study: StudyTables, tables: dict[str, pd.DataFrame]) -> list[Block]:
     if "table4" not in tables:
         return []
     what = "mean gap = loss on the corrupted test set - loss on the clean training set"
+    paired = claims_table(study, corruption_claims(study))
     return [
         Heading("Tables 4-6: corrupted data"),
+        Table(
+            "Paired per corruption (mean over severities) and per severity (mean over "
+            "corruptions): each quantized model against its FP32 twin and the next higher "
+            "precision, tested as in the Claims section with Holm's correction within this "
+            "table.",
+            _claims_display(paired).drop(columns=["source", "the paper says"]),
+        ),
         Table(f"Table 4: by corruption and precision ({what}).", tables["table4"]),
         Table(f"Table 5: by severity and precision ({what}).", tables["table5"]),
         Table(
@@ -243,12 +258,62 @@ def _claims_blocks(study: StudyTables, out_dir: Path, tables: dict) -> list[Bloc
     return blocks
 
 
+WIDE_QUANTITIES = 5  # paper tables with up to this many quantities get one row per precision
+
+
+def _paper_display(name: str, table: pd.DataFrame) -> pd.DataFrame:
+    """paper | this study per row (one row per precision when there are few quantities,
+    else per precision and quantity); Table 4 averaged over severities (both sides over the
+    same matched cells) to keep one row per corruption and precision."""
+    keys = ["paper_model", "precision", "quantity"]
+    if name == "table4":
+        keys = ["paper_model", "corruption", "precision"]
+        table = table.groupby(keys, sort=False, as_index=False).agg(
+            paper=("paper", "mean"), ours=("this study", "mean"), n=("n", "min"),
+            severities=("severity", "nunique"),
+        ).rename(columns={"ours": "this study"})  # fmt: skip
+        return table[[*keys, "severities", "paper", "this study", "n"]]
+    if table["quantity"].nunique() > WIDE_QUANTITIES:
+        return table[[*keys, "paper", "this study", "n"]]
+    wide = table.pivot_table(index=keys[:2], columns="quantity", values=["paper", "this study"],
+                             sort=False, observed=True)  # fmt: skip
+    quantities = list(dict.fromkeys(table["quantity"]))
+    out = pd.DataFrame(index=wide.index)
+    for q in quantities:
+        out[f"{q} paper"], out[f"{q} this study"] = wide[("paper", q)], wide[("this study", q)]
+    out["n"] = table.groupby(keys[:2], sort=False)["n"].min()
+    return out.reset_index()
+
+
+def _paper_blocks(study: StudyTables, tables: dict[str, pd.DataFrame]) -> list[Block]:
+    """The paper's published numbers beside this study's, for the settings both have."""
+    names = [n for n in TITLES if f"paper_{n}" in tables]
+    blocks: list[Block] = [Heading("The paper's numbers beside this study's")]
+    if not names:
+        ours = sorted({f"{d}/{m}" for d, m in study.ok[POPULATION_KEYS].itertuples(index=False)})
+        return blocks + [Paragraph(
+            f"No setting of this study ({', '.join(ours)}) is one the paper reports "
+            f"({', '.join(paper_settings())}), so there is no number to set beside ours."
+        )]  # fmt: skip
+    blocks.append(Paragraph(
+        f"Source: {CITATION}. Each row: the paper's number for a setting (dataset, model, "
+        "precision; depth x width where the paper names them), this study's mean over its ok "
+        "models of that setting, and how many (n). The paper's CIFAR NiN rows of Table 1 pool "
+        "its NiN grid as ours does; Table 3 compares the paper-scale bounds, sqrt(bound / m)."
+    ))  # fmt: skip
+    for name in names:
+        blocks.append(Table(f"{TITLES[name]}: paper | this study.",
+                            _paper_display(name, tables[f"paper_{name}"])))  # fmt: skip
+    return blocks
+
+
 def report_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
     """The report's content; draws the figures into `out_dir` on the way."""
     tables = tables_for(study)
     blocks = _header(study)
     if len(study.ok):
         blocks += _claims_blocks(study, out_dir, tables)
+        blocks += _paper_blocks(study, tables)
     blocks += [
         Heading("Trials"),
         Table(
@@ -271,14 +336,22 @@ def report_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
     ]
     blocks += _measure_blocks(tables)
     blocks += _figure_blocks(study, out_dir)
-    blocks += _corruption_blocks(tables)
+    blocks += _corruption_blocks(study, tables)
     return blocks
 
 
-def write_report(study_dir: str | Path) -> Path:
-    """Write <study>/report/report.md, report.html and the PNGs; return report.md's path."""
+def write_report(study_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.md, report.html and the PNGs into `out` (default <study>/report; a
+    study on an object store, s3://..., needs a local `out`); return report.md's path."""
+    remote = "://" in str(study_dir) and not str(study_dir).startswith("file://")
+    if out is None and remote:
+        raise UserError(
+            f"{study_dir} is not a local folder: pass --out DIR, a local folder for the report"
+        )
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out} is a file: pass a folder for the report")
     study = load_study(study_dir)
-    out_dir = study.path / schema.REPORT_DIR
+    out_dir = Path(out) if out is not None else Path(study.path) / schema.REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     blocks = report_blocks(study, out_dir)
     (out_dir / REPORT_HTML).write_text(to_html(blocks, f"QGen report: {study.name}"))

@@ -34,7 +34,7 @@ OPTIONAL_TABLES = {
 class StudyTables:
     """A study's tables as read from its folder. Optional tables are None when absent."""
 
-    path: Path
+    path: Path | str  # a local folder, or the URI of a study on a pyarrow filesystem
     name: str
     meta: dict  # study.json ({} when the file is absent)
     axes: list[str]  # granulated-Kendall axes (study.json "axes", or inferred)
@@ -97,18 +97,19 @@ def _one_grid(land: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
 
 
 def load_study(study_dir: str | Path) -> StudyTables:
-    """Read `study_dir`. A folder without trials.parquet (or trial folders to rebuild it
-    from) is a UserError; a damaged table is set aside and rebuilt or read as missing."""
+    """Read `study_dir` (a folder, or a URI such as s3://bucket/studies/nin). A study
+    without trials.parquet (or trial folders to rebuild it from) is a UserError; a damaged
+    table is set aside and rebuilt or read as missing."""
     from qgen_ray.loaders import load_trials
     from qgen_ray.store import StudyStore
 
-    path = Path(study_dir)
-    store = StudyStore(str(path))
+    store = StudyStore(str(study_dir))
+    path = Path(store.root) if store.is_local else store.uri
     if not store.exists(schema.TRIALS) and not store.trial_ids():
         raise UserError(
-            f"no {schema.TRIALS} in {path}: run the study first (python studies/{path.name}.py)"
+            f"no {schema.TRIALS} in {path}: run the study first (python studies/{store.name}.py)"
         )
-    trials = with_precision(load_trials(str(path)))
+    trials = with_precision(load_trials(store.uri))
     notes: list[str] = []
     meta = store.read_record(schema.STUDY_JSON, "axes are inferred from the trials") or {}
     if "axes" in meta:
@@ -129,7 +130,7 @@ def load_study(study_dir: str | Path) -> StudyTables:
         tables["landscapes"] = _one_grid(tables["landscapes"], notes)
     return StudyTables(
         path=path,
-        name=str(meta.get("study", path.name)),
+        name=str(meta.get("study", store.name)),
         meta=meta,
         axes=axes,
         trials=trials,

@@ -26,7 +26,7 @@ LANDSCAPE_POINTS = 21
 SEARCHED_MEASURES = ["pacbayes_mag_init", "pacbayes_orig", "sharpness_mag_orig"]
 
 
-def _trials(rng: np.random.Generator) -> pd.DataFrame:
+def _trials(rng: np.random.Generator, dataset: str, depth: int) -> pd.DataFrame:
     rows = []
     grid = [(o, lr) for o, lrs in LEARNING_RATES.items() for lr in lrs]
     for (optimizer, lr), width, bits in itertools.product(grid, WIDTHS, BITS):
@@ -37,13 +37,13 @@ def _trials(rng: np.random.Generator) -> pd.DataFrame:
         test_acc = 1.0 - test_loss / 3 + rng.normal(0, 0.01)
         rows.append(
             dict(
-                dataset="synthetic",
+                dataset=dataset,
                 model="nin",
                 optimizer=optimizer,
                 lr=lr,
                 weight_decay=0.0,
                 width=width,
-                depth=2,
+                depth=depth,
                 bits=bits,
                 method="fp32" if bits == 32 else "lsq",
                 seed=0,
@@ -165,18 +165,21 @@ def write_synthetic_study(
     measures: bool = True,
     corruptions: bool = True,
     landscapes: bool = True,
+    dataset: str = "synthetic",
+    depth: int = 2,
 ) -> Path:
     """Write study.json and every Parquet table of a 32-model synthetic study (plus one
-    failed trial) into `path`; the optional tables can be left out."""
+    failed trial) into `path`; the optional tables can be left out. `dataset` and the NiN
+    `depth` label the models (e.g. "cifar10", 4 to match a setting of the paper)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    trials = _trials(rng)
+    trials = _trials(rng, dataset, depth)
     ok = trials[trials["status"] == schema.STATUS_OK]
     study = {
         "study": path.name,
         "axes": ["optimizer", "lr", "width", "bits"],
-        "dataset": "synthetic",
+        "dataset": dataset,
         "model": "nin",
         "created_at": "2024-01-01T00:00:00Z",
         "provenance": {"generator": "qgen_ray.analysis.synthetic", "seed": seed},

@@ -8,9 +8,13 @@
                   every bound as the paper prints it, sqrt(bound / m): mean, std, n
     orientation   the sign applied to each measure before correlating, and why
     correlation_gap_loss / correlation_gap_acc
-                  Kendall tau, tau-b, psi_i per axis (with groups used / dropped) and Psi
+                  Kendall tau, tau-b, psi_i per axis (with groups used / dropped) and Psi;
+                  tau and Psi with seeded 95% bootstrap intervals over models
     table4/5/6    mean corruption gap by corruption x precision, severity x precision,
                   and per precision (corruptions.parquet)
+    paper_table1..4
+                  the paper's published numbers beside this study's means, for the
+                  settings both have (analysis.paper_numbers; absent when none matches)
 
 Each table exists only when its input does. Precision columns and rows follow FP32, int8,
 int4, int2. `build_tables(study_dir)` is the entry point for notebooks.
@@ -29,6 +33,7 @@ from qgen_ray.analysis.correlation import (
     kendall_tau,
     kendall_tau_b,
     kendall_tau_interval,
+    psi_interval,
 )
 from qgen_ray.analysis.orientation import (
     FLATNESS_SUFFIX,
@@ -37,6 +42,7 @@ from qgen_ray.analysis.orientation import (
     orientation_table,
     oriented,
 )
+from qgen_ray.analysis.paper_numbers import beside_paper
 from qgen_ray.analysis.study_tables import POPULATION_KEYS, StudyTables, load_study
 from qgen_ray.measures.formulas import paper_scale
 
@@ -47,6 +53,7 @@ WEIGHT_NORM = "weight_norm"
 # The columns a correlation table always has (psi_/groups_/dropped_<axis> come per axis).
 CORRELATION_COLUMNS = [
     *POPULATION_KEYS, "measure", "n", "tau", "tau_low", "tau_high", "tau_b", "Psi",
+    "Psi_low", "Psi_high",
 ]  # fmt: skip
 
 
@@ -138,6 +145,7 @@ def correlation_table(study: StudyTables, gap: str) -> pd.DataFrame:
                 row[f"dropped_{axis}"] = r.dropped
             defined = [r.psi for r in by_axis.values() if not math.isnan(r.psi)]
             row["Psi"] = sum(defined) / len(defined) if defined else math.nan
+            row["Psi_low"], row["Psi_high"] = psi_interval(usable, measure, gap, axes)
             rows.append(row)
     out = pd.DataFrame(rows, columns=None if rows else CORRELATION_COLUMNS)
     out.attrs["notes"] = notes
@@ -181,6 +189,7 @@ def tables_for(study: StudyTables) -> dict[str, pd.DataFrame]:
             tables[f"correlation_{gap}"] = correlation_table(study, gap)
     if study.has("corruptions"):
         tables.update(table4=table4(study), table5=table5(study), table6=table6(study))
+    tables.update({f"paper_{name}": table for name, table in beside_paper(study).items()})
     return tables
 
 

@@ -319,16 +319,12 @@ def _same_grid(done: pd.DataFrame, steps: int, span: float) -> set[str]:
     return set(grids.index[same & ((grids["min"] + span).abs() < 1e-9)])
 
 
-def report_study(store: StudyStore) -> str:
-    """The Markdown + HTML report with the paper's tables and figures."""
+def report_study(store: StudyStore, out: str | None = None) -> str:
+    """The Markdown + HTML report with the paper's tables and figures, in <study>/report
+    or in the local folder `out` (needed when the study is on an object store)."""
     from qgen_ray.analysis.report import write_report
 
-    if not store.is_local:
-        raise UserError(
-            "qgen report needs a local study folder; copy the Parquet tables "
-            "down first (e.g. aws s3 sync s3://.../<study> ./<study>)"
-        )
-    return str(write_report(store.root))
+    return str(write_report(store.root if store.is_local else store.uri, out=out))
 
 
 STAGE_FUNCTIONS = {
