@@ -86,12 +86,14 @@ def status(store) -> str:
     record = store.read_record(schema.STUDY_JSON, "a re-run of the study script rewrites it")
     planned = record.get("num_models") if record else None
     counts = progress_counts(store)
-    finished = counts["ok"] + counts["diverged"] + counts["degenerate"]
+    finished = counts["ok"] + counts["diverged"] + counts["degenerate"] + counts["stopped"]
+    search = " (search budget)" if record and "search" in record else ""
     line = (
-        f"{store.name}: {finished}/{planned if planned is not None else '?'} models done "
-        f"(ok {counts['ok']}, diverged {counts['diverged']}, degenerate "
-        f"{counts['degenerate']}, failed {counts['failed']}), "
-        f"{counts['started']} started without a result"
+        f"{store.name}: {finished}/{planned if planned is not None else '?'}{search} models "
+        f"done (ok {counts['ok']}, diverged {counts['diverged']}, degenerate "
+        f"{counts['degenerate']}"
+        + (f", stopped early {counts['stopped']}" if search else "")
+        + f", failed {counts['failed']}), {counts['started']} started without a result"
     )
     for table in (schema.MEASURES, schema.CORRUPTIONS, schema.LANDSCAPES):
         df = store.read_table(table)

@@ -30,6 +30,7 @@ CORRUPTIONS = "corruptions.parquet"
 LANDSCAPES = "landscapes.parquet"
 TRIALS_DIR = "trials"
 TUNE_DIR = "tune"
+OPTUNA_JOURNAL = "optuna.journal"  # a search study's Optuna study (journal file storage)
 REPORT_DIR = "report"
 
 INIT_CKPT = "init.pt"
@@ -59,6 +60,9 @@ STATUS_FAILED = "failed"  # an exception; `reason` holds it; a re-run retries it
 # finite, but its kept model is no better than a constant guess (training loss above
 # ln(classes) and accuracy at chance): kept out of the analysis like a diverged one
 STATUS_DEGENERATE = "degenerate"
+# a search study's model that ASHA stopped early on its validation loss: listed in
+# trials.parquet, never analysed with the population (only "ok" rows are)
+STATUS_STOPPED = "stopped"
 
 TRIALS_COLUMNS = [
     "model_id",  # stable hash of the scientific settings (TrainSpec.model_id)
@@ -86,6 +90,9 @@ TRIALS_COLUMNS = [
     "qgen_version",
     "git_rev",
 ]
+# Search studies add: val_fraction, val_loss, val_acc (the validation split carved from the
+# training set; train_* are then on the rest of it) and weight_bits (weights as stored).
+SEARCH_COLUMNS = ["val_fraction", "val_loss", "val_acc", "weight_bits"]
 
 HISTORY_COLUMNS = ["model_id", "epoch", "train_loss", "train_acc", "lr", "seconds"]
 

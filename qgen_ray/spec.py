@@ -19,7 +19,7 @@ LR_SCHEDULES = ("multistep", "cosine")  # see qgen_ray.train.loop.make_scheduler
 
 # Fields added after the first studies were run: hashed into `model_id` only when set away
 # from this default, so every id computed before they existed stays valid.
-LATE_FIELD_DEFAULTS = {"lr_schedule": "multistep", "image_size": None}
+LATE_FIELD_DEFAULTS = {"lr_schedule": "multistep", "image_size": None, "val_fraction": None}
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,8 @@ class TrainSpec:
     lr_schedule: str = "multistep"  # "multistep" (milestones, gamma) | "cosine" (to 0 at epochs)
     image_size: int | None = None  # input side in pixels for on-disk datasets (ImageFolder
     # crops); None = the dataset's own size (digits, CIFAR)
+    val_fraction: float | None = None  # search studies: this share of the training set,
+    # stratified and seeded by `seed`, is held out as the validation split (never trained on)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -66,6 +68,8 @@ class TrainSpec:
             )
         if self.image_size is not None and self.image_size < 1:
             raise UserError(f"image_size must be a positive pixel count, got {self.image_size}")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1:
             raise UserError("epochs and batch_size must be positive integers")
 
@@ -128,6 +132,9 @@ class RunOptions:
     amp: str = "off"  # "off" | "bf16"
     channels_last: bool = False
     compile: bool = False
+    # Search trials: evaluate the held-out split after every epoch and report it as
+    # val_loss / val_acc (eval mode, no gradient: the training itself is unchanged).
+    validate_each_epoch: bool = False
 
     @property
     def fast_paths(self) -> bool:

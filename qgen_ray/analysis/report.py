@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from qgen_ray import schema
-from qgen_ray.analysis import figures
+from qgen_ray.analysis import figures, search
 from qgen_ray.analysis.claims import claims_table, corruption_claims
 from qgen_ray.analysis.paper_numbers import CITATION, TITLES, paper_settings
 from qgen_ray.analysis.render import (
@@ -307,12 +307,47 @@ def _paper_blocks(study: StudyTables, tables: dict[str, pd.DataFrame]) -> list[B
     return blocks
 
 
+def _search_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
+    """A search study: its choice per bit width, history and Pareto front, importances."""
+    spec = study.meta["search"]
+    blocks: list[Block] = [
+        Heading("Search"),
+        Paragraph(
+            f"Optuna (TPE, seeded) through Ray Tune chose each model from the space "
+            f"{', '.join(f'{k}: {v}' for k, v in spec['space'].items())}; objectives "
+            f"{', '.join(spec['objectives'])} on a validation split of "
+            f"{spec['val_fraction']:g} of the training set (stratified, seeded); "
+            f"{'ASHA stopped weak models early' if spec['asha'] else 'no early stopping'}. "
+            "The test set was read only after the search, for the models that finished."
+        ),
+        Table(
+            "Per precision: models finished (ok) and stopped early, and the ok model with the "
+            "lowest validation loss, with its test numbers (measured after the search).",
+            search.best_per_precision(study),
+        ),
+    ]
+    for target, what in (("val_loss", "the validation loss"), ("gap_loss", "the gap")):
+        found = search.importances(study, target)
+        if len(found):
+            blocks.append(Table(
+                f"Hyperparameter importance for {what} ({target}; fANOVA over the "
+                f"{int(found['n'].iloc[0])} ok models, seeded).", found.drop(columns=["n"])
+            ))  # fmt: skip
+        else:
+            blocks.append(Paragraph(f"No importances for {target}: fewer than 4 ok models "
+                                    "or nothing varied."))  # fmt: skip
+    return blocks + [Image(f.caption, f.path.name) for f in search.figure_search(study, out_dir)]
+
+
 def report_blocks(study: StudyTables, out_dir: Path) -> list[Block]:
     """The report's content; draws the figures into `out_dir` on the way."""
     tables = tables_for(study)
     blocks = _header(study)
-    if len(study.ok):
+    if search.is_search(study):
+        blocks += _search_blocks(study, out_dir)
+    elif len(study.ok):
         blocks += _claims_blocks(study, out_dir, tables)
+    if len(study.ok):
         blocks += _paper_blocks(study, tables)
     blocks += [
         Heading("Trials"),

@@ -44,6 +44,25 @@ class ImageData:
         moved = {k: getattr(self, k).to(device) for k in ("train_x", "train_y", "test_x", "test_y")}
         return ImageData(**{**self.__dict__, **moved})
 
+    def with_validation(self, fraction: float, seed: int) -> ImageData:
+        """The validation view of this dataset for a search: `fraction` of each class of
+        the training set (seeded) is held out and becomes the held-out split; the test
+        split is not in the returned object at all, so nothing downstream can read it."""
+        generator = torch.Generator().manual_seed(seed)
+        held = []
+        for label in torch.unique(self.train_y).tolist():
+            members = torch.nonzero(self.train_y == label).flatten()
+            members = members[torch.randperm(len(members), generator=generator)]
+            held.append(members[: round(fraction * len(members))])
+        val = torch.sort(torch.cat(held)).values
+        keep = torch.ones(len(self.train_y), dtype=torch.bool)
+        keep[val] = False
+        return ImageData(**{
+            **self.__dict__, "name": f"{self.name}[val{fraction:g}/{seed}]",
+            "train_x": self.train_x[keep], "train_y": self.train_y[keep],
+            "test_x": self.train_x[val], "test_y": self.train_y[val],
+        })  # fmt: skip
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float, (x / 255 - mean) / std, on x's device."""
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)

@@ -16,7 +16,12 @@ from qgen_ray import schema
 from qgen_ray.store import StudyStore
 
 # need no more training (a re-run retries only failed ones)
-FINISHED = (schema.STATUS_OK, schema.STATUS_DIVERGED, schema.STATUS_DEGENERATE)
+FINISHED = (
+    schema.STATUS_OK,
+    schema.STATUS_DIVERGED,
+    schema.STATUS_DEGENERATE,
+    schema.STATUS_STOPPED,
+)
 
 
 def _kept_rows(store: StudyStore, table: str, columns, folders: set[str]) -> pd.DataFrame:

@@ -192,14 +192,16 @@ def pending_models(store: StudyStore, plan: list, name: str, verb: str = "train"
 
 def run(study: Study, args: argparse.Namespace) -> dict:
     """Check the study and the flags, then run its stages; return {stage: output path}."""
+    from dataclasses import replace
+
+    from qgen_ray.pipeline.search import SearchStudy
     from qgen_ray.spec import RunOptions
     from qgen_ray.store import StudyStore
     from qgen_ray.train.loop import resolve_dtype
     from qgen_ray.train.pack import check_fast_paths
 
     if args.smoke:
-        study = study.smoke()
-        study = Study(**{**study.__dict__, "name": f"{study.name}-smoke"})
+        study = replace(study.smoke(), name=f"{study.name}-smoke")
     stages = args.stages or list(study.stages)
     cpus = args.cpus_per_trial if args.cpus_per_trial is not None else study.cpus_per_trial
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else study.gpus_per_trial
@@ -208,7 +210,11 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     options = RunOptions(device=args.device, dtype=args.dtype, amp=args.amp,
                          channels_last=args.channels_last, compile=args.compile)  # fmt: skip
     check_fast_paths(options, resolve_dtype(options.dtype))
-    plan = study.plan()  # validates the grid before anything is written
+    if isinstance(study, SearchStudy):
+        study.check()  # validates the space before anything is written
+        plan = []
+    else:
+        plan = study.plan()  # validates the grid before anything is written
     store = StudyStore.for_study(args.storage, study.name)
     store.check_writable()
     with store.claimed(f"studies/{study.name}.py"):
@@ -218,11 +224,14 @@ def run(study: Study, args: argparse.Namespace) -> dict:
 def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
     """The stages of a checked study, in order, on a claimed store."""
     from qgen_ray.data import load_image_data
+    from qgen_ray.pipeline.search import SearchStudy
 
     cpus, gpus, pack = resources
     outputs: dict[str, str] = {}
     failures: dict[str, list[str]] = {}
-    if "train" in stages:
+    if "train" in stages and isinstance(study, SearchStudy):
+        outputs["trials"] = _search(study, args, store, options, cpus, gpus)
+    elif "train" in stages:
         from qgen_ray.ray.session import init_ray
         from qgen_ray.ray.tune_study import run_training
         from qgen_ray.train.pack import check_pack_models, form_packs
@@ -248,6 +257,7 @@ def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
                 progress=not args.quiet,
             )
         outputs["trials"] = collect_trials(store, study.name, [s.model_id for s, _ in pending])
+    if "trials" in outputs:
         trials = store.read_table(schema.TRIALS)
         failed = trials[trials["status"] == schema.STATUS_FAILED]
         if len(failed):
@@ -267,6 +277,23 @@ def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
             print(f"{name:>10}: {path}")
         raise ItemsFailed(failures)
     return outputs
+
+
+def _search(study, args, store: StudyStore, options, cpus: float, gpus: float) -> str:
+    """A search study's training: Optuna through Ray Tune on the validation split, then
+    the test set for the models it trained (never read before the search ends)."""
+    from qgen_ray.data import load_image_data
+    from qgen_ray.pipeline.search import evaluate_on_test
+    from qgen_ray.ray.session import init_ray
+    from qgen_ray.ray.tune_search import run_search
+
+    data = load_image_data(study.dataset, args.data_root, args.download)
+    write_study_record(store, study.describe())
+    init_ray(args.address)
+    run_search(store, study, data, options, cpus, gpus, progress=not args.quiet)
+    evaluated = evaluate_on_test(store, data)
+    print(f"[{study.name}] search over: {evaluated} models evaluated on the test set", flush=True)
+    return collect_trials(store, study.name)
 
 
 def main(study: Study, argv: list[str] | None = None) -> dict:

@@ -201,10 +201,10 @@ def clamp_steps_(model: nn.Module) -> None:
     QuantTerms(model).clamp_steps_()
 
 
-def compression_ratio(model: nn.Module) -> float:
-    """32-bit storage of all Conv2d/Linear weights over their quantized storage: b bits per
-    weight plus 32 bits per step (LSQ) or per codebook entry (QAR); layers left in FP32
-    count at 32 bits. Biases and normalization parameters are not counted. 1.0 for FP32."""
+def weight_storage_bits(model: nn.Module) -> tuple[int, int]:
+    """(stored, full) bits of all Conv2d/Linear weights: b bits per quantized weight plus
+    32 bits per step (LSQ) or per codebook entry (QAR), layers left in FP32 at 32 bits;
+    `full` counts every weight at 32. Biases and normalization parameters are not counted."""
     inner = unwrap(model)
     full = stored = 0
     for _, layer in float_layers(inner) + quantized_layers(inner):
@@ -212,4 +212,11 @@ def compression_ratio(model: nn.Module) -> float:
         full += PARAM_BITS * numel
         quantizer = getattr(layer, "weight_quantizer", None)
         stored += PARAM_BITS * numel if quantizer is None else quantizer.storage_bits(numel)
+    return stored, full
+
+
+def compression_ratio(model: nn.Module) -> float:
+    """32-bit storage of the weights over their quantized storage (`weight_storage_bits`);
+    1.0 for FP32."""
+    stored, full = weight_storage_bits(model)
     return full / stored if stored else 1.0

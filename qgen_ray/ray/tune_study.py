@@ -91,6 +91,7 @@ class ProgressLine(tune.Callback):
         self.done = self.failed = self.retried = 0
         self.start = time.time()
         self.last_print = 0.0
+        self.ids_of = _model_ids  # the models of a Tune trial (a search sets its own)
 
     def _print(self, trials, force: bool = False, ended=None) -> None:
         now = time.time()
@@ -98,7 +99,7 @@ class ProgressLine(tune.Callback):
             return
         self.last_print = now
         running = sum(
-            len(_model_ids(t)) for t in trials if t.status == "RUNNING" and t is not ended
+            len(self.ids_of(t)) for t in trials if t.status == "RUNNING" and t is not ended
         )
         finished = self.done + self.failed
         left = self.total - finished
@@ -121,7 +122,7 @@ class ProgressLine(tune.Callback):
         self._print(trials)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        for model_id in _model_ids(trial):
+        for model_id in self.ids_of(trial):
             if self._status(model_id) == schema.STATUS_FAILED:
                 self.failed += 1
             else:
@@ -129,11 +130,11 @@ class ProgressLine(tune.Callback):
         self._print(trials, force=True, ended=trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.retried += len(_model_ids(trial))
+        self.retried += len(self.ids_of(trial))
         self._print(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.failed += len(_model_ids(trial))
+        self.failed += len(self.ids_of(trial))
         self._print(trials, force=True, ended=trial)
 
 
