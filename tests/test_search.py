@@ -192,3 +192,40 @@ def test_a_search_killed_mid_way_resumes_its_optuna_study(tmp_path):
     assert set(trials["status"]) <= {schema.STATUS_OK, schema.STATUS_STOPPED}
     record = json.loads((study_dir / schema.STUDY_JSON).read_text())
     assert record["num_models"] == 8 and "search" in record
+
+
+@pytest.mark.slow
+def test_the_two_objective_cluster_search_smoke_reports_a_pareto_front(cifar10_root, tmp_path):
+    """search_nin_cifar10 --smoke (val_loss and weight_bits, so no ASHA) on a CIFAR-10
+    folder in torchvision's layout, through Tune, then its report and `qgen status`."""
+    import ray
+
+    from qgen_ray import cli
+    from tests.support.fixtures import load_script
+
+    script = load_script("search_nin_cifar10")
+    argv = ["--smoke", "--storage", str(tmp_path), "--data-root", str(cifar10_root),
+            "--quiet", "--gpus-per-trial", "0"]  # fmt: skip
+    try:
+        study_cli.main(script.STUDY, argv)
+    finally:
+        ray.shutdown()
+    study_dir = tmp_path / "search_nin_cifar10-smoke"
+    trials = pd.read_parquet(study_dir / schema.TRIALS)
+    # one epoch on 90 images: a model may end no better than chance (degenerate)
+    assert len(trials) == 2 and set(trials["status"]) <= {"ok", schema.STATUS_DEGENERATE}
+    ok = trials[trials["status"] == schema.STATUS_OK]
+    assert ok["test_loss"].notna().all()  # measured after the search (when any is ok)
+    assert trials["weight_bits"].gt(0).all() and trials["val_loss"].notna().all()
+    assert (trials["val_fraction"] == 0.1).all()
+    report = (study_dir / schema.REPORT_DIR / "report.md").read_text()
+    assert "## Search" in report and "objectives val_loss, weight_bits" in report
+    assert (study_dir / schema.REPORT_DIR / "search.png").exists()
+    assert "2/2 (search budget) models done" in cli.status(StudyStore(str(study_dir)))
+
+
+def test_a_search_refuses_packing_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study_cli.main(STUDY, ["--storage", str(tmp_path / "s"), "--pack", "4"])
+    assert exit_info.value.code == 2
+    assert "drop --pack" in capsys.readouterr().err and not (tmp_path / "s").exists()

@@ -212,6 +212,11 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     check_fast_paths(options, resolve_dtype(options.dtype))
     if isinstance(study, SearchStudy):
         study.check()  # validates the space before anything is written
+        if args.pack not in ("auto", "1") or options.fast_paths:
+            raise UserError(
+                "a search trains one model per trial with the plain trainer: drop --pack, "
+                "--amp, --channels-last and --compile"
+            )
         plan = []
     else:
         plan = study.plan()  # validates the grid before anything is written
