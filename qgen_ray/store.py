@@ -13,6 +13,8 @@ import json
 import os
 import pickle
 import socket
+import threading
+import time
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -44,6 +46,24 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str, bool]:
 
 LOCK = ".qgen.lock"  # the study folder's writer (StudyStore.claimed)
 _CLAIMED: set[str] = set()  # study folders this process holds
+
+
+LEASE_S = 120.0  # a lease not renewed for this long is taken over
+LEASE_RENEW_S = 20.0  # how often the holder renews it
+LEASE_SETTLE_S = 1.0  # object stores: wait before reading back whose write stayed
+
+
+def _lease_lapsed(other: dict, host: str) -> bool:
+    """Whether another run's lease may be taken over: not renewed for LEASE_S, or held by
+    a process of this host that is gone."""
+    try:
+        renewed = datetime.fromisoformat(other.get("renewed") or other.get("since") or "")
+    except ValueError:
+        return True
+    age = (datetime.now(timezone.utc) - renewed).total_seconds()
+    if age > LEASE_S:
+        return True
+    return other.get("host") == host and not _pid_alive(other.get("pid"))
 
 
 def _pid_alive(pid) -> bool:
@@ -158,39 +178,60 @@ class StudyStore:
 
     @contextmanager
     def claimed(self, command: str):
-        """Hold the study folder for one writing run (`.qgen.lock`: pid, host, command,
-        since): a second run beside it stops with one line instead of training every
-        model again. A lock whose process is gone (same host, pid not alive) is taken
-        over; nested claims by the same process (a study script's stages) pass."""
+        """Hold the study folder for one writing run: a lease (`.qgen.lock`: owner token,
+        pid, host, command, since, renewed) that a second run beside it (another
+        process, another machine on the same bucket) finds, stopping with one line
+        instead of writing the same tables. The holder renews it every LEASE_RENEW_S; a
+        lease not renewed for LEASE_S (its run crashed or its machine went), or one on
+        this host whose process is gone, is taken over. Nested claims by the same process
+        (a study script's stages) pass."""
         if self.root in _CLAIMED:
             yield
             return
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        me = {"token": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
+              "command": command, "since": now, "renewed": now}  # fmt: skip
         while not self._create_lock(me):
             other = self.read_record(LOCK, "taken over") or {}
-            if other and (other.get("host") != me["host"] or _pid_alive(other.get("pid"))):
+            if other and not _lease_lapsed(other, me["host"]):
                 raise UserError(
                     f"another run is writing {self.uri}: `{other.get('command')}` (pid "
                     f"{other.get('pid')} on {other.get('host')} since {other.get('since')}); "
-                    f"wait for it or stop it (if it is gone, delete {self.path(LOCK)})"
+                    f"wait for it or stop it (its lease lapses {LEASE_S:.0f} s after it "
+                    f"stops renewing; or delete {self.path(LOCK)})"
                 )
-            self.delete(LOCK)  # its process is gone (or the lock was unreadable)
+            self.delete(LOCK)  # lapsed, its process is gone, or unreadable
         _CLAIMED.add(self.root)
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(me, stop), daemon=True)
+        renewer.start()
         try:
             yield
         finally:
+            stop.set()
+            renewer.join()
             _CLAIMED.discard(self.root)
             self.delete(LOCK)
 
+    def _renew(self, me: dict, stop: threading.Event) -> None:
+        while not stop.wait(LEASE_RENEW_S):
+            try:
+                me["renewed"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                self.write_bytes(LOCK, json.dumps(me).encode())
+            except (OSError, UserError):  # a missed renewal is retried; the lease outlasts it
+                continue
+
     def _create_lock(self, me: dict) -> bool:
-        """Create the lock file if there is none (atomically on a local disk)."""
+        """Create the lease if there is none: atomically on a local disk; on an object
+        store (no exclusive create) written, then read back after a moment to see whose
+        write stayed."""
         data = json.dumps(me).encode()
-        if not self.is_local:  # object stores have no exclusive create: best effort
+        if not self.is_local:
             if self.exists(LOCK):
                 return False
             self.write_bytes(LOCK, data)
-            return True
+            time.sleep(LEASE_SETTLE_S)
+            return (self.read_record(LOCK, "taken over") or {}).get("token") == me["token"]
         os.makedirs(self.root, exist_ok=True)
         try:
             fd = os.open(self.path(LOCK), os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -4,62 +4,21 @@ is written to a local --out folder, the same report as from a local copy of the 
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pyarrow.fs as pafs
 import pytest
 
 from qgen_ray import cli
 from qgen_ray.analysis import write_report
 from qgen_ray.analysis.synthetic import write_synthetic_study
-from tests.support.cluster import free_ports
+from tests.conftest import s3_env
 
 BUCKET = "qgen-studies"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    if server is None:
-        pytest.skip("moto[server] is not installed (make install installs it)")
-    (port,) = free_ports(1)
-    proc = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    try:
-        import socket
-
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    pytest.fail("moto_server did not start")
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture()
 def s3_study(s3_endpoint, tmp_path, monkeypatch):
     """A synthetic study written locally and copied into the bucket; (local, uri)."""
-    for key, value in {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }.items():
+    for key, value in s3_env(s3_endpoint).items():
         monkeypatch.setenv(key, value)
     local = write_synthetic_study(tmp_path / "local" / "remote_study")
     fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, allow_bucket_creation=True)

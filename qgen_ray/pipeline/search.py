@@ -164,6 +164,9 @@ class SearchStudy:
         if not 0 < self.val_fraction < 1:
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         self.spec({**self.sample_first(), "seed": self.seed})  # names, model options
+        from qgen_ray.pipeline.study import _check_stages
+
+        _check_stages(self.stages, self.stage_options)
 
     def sample_first(self) -> dict:
         """The space's first point (every choice's first value, ranges' low ends)."""

@@ -23,8 +23,8 @@ PAPER_PRECISIONS = (("fp32", 32), ("lsq", 8), ("lsq", 4), ("lsq", 2))
 # What a study can run, in order: training, then the follow-up stages (qgen_ray.pipeline.followups).
 STAGES = ("train", "measure", "corrupt", "landscape", "report")
 # Parameters of a follow-up stage function that are not study options: the store it works
-# on and where it runs (both come from the command line).
-STAGE_RUN_PARAMETERS = ("store", "place")
+# on, where it runs, and where a report goes (all come from the command line).
+STAGE_RUN_PARAMETERS = ("store", "place", "out")
 
 # The paper's NiN learning rates per optimizer (docs/method.md §2, QGen Appendix B.3).
 NIN_LR_GRID = {"sgd": [0.1, 0.05, 0.01], "adam": [1e-3, 5e-4, 1e-4], "rmsprop": [1e-3, 5e-4, 1e-4]}

@@ -46,8 +46,10 @@ def parser(study: Study, fused: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--smoke",
+        "--smoke-test",  # the name Ray's own examples use
+        dest="smoke",
         action="store_true",
-        help="a corner of the grid for a few epochs, in <study>-smoke (seconds; CI)",
+        help="a corner of the grid for a few epochs, in <study>-smoke (about a minute; CI)",
     )
     p.add_argument(
         "--address",

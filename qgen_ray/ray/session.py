@@ -87,17 +87,43 @@ def cluster_gpus() -> float:
 
 
 def node_type_resources() -> list[dict]:
-    """What each node type of the autoscaler's config provides (empty off a `ray up`
-    head node): a request any of them can hold is one the cluster can grow to."""
-    path = os.path.expanduser(AUTOSCALER_CONFIG)
+    """What each node type the autoscaler may launch provides: a request any of them can
+    hold is one the cluster can grow to. The config is the one the cluster's autoscaler
+    (its `monitor.py` process on the head node, where a job's driver runs) was started
+    with, else a `ray up` head's bootstrap file; empty for a cluster that cannot grow."""
+    path = _monitor_config() or os.path.expanduser(AUTOSCALER_CONFIG)
     if not os.path.isfile(path):
         return []
     import yaml
 
     with open(path) as f:
-        config = yaml.safe_load(f) or {}
+        config = yaml.safe_load(f) or {}  # YAML, or the JSON `ray start` also accepts
     types = config.get("available_node_types") or {}
     return [dict(t.get("resources") or {}) for t in types.values()]
+
+
+def _monitor_config() -> str | None:
+    """`--autoscaling-config` of this cluster's autoscaler monitor, when it runs on this
+    machine (Linux /proc; matched by the GCS address)."""
+    if not os.path.isdir("/proc") or not ray.is_initialized():
+        return None
+    gcs = ray.get_runtime_context().gcs_address
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("autoscaler/_private/monitor.py") for a in args):
+            continue
+        if f"--gcs-address={gcs}" not in args:
+            continue
+        for a in args:
+            if a.startswith("--autoscaling-config="):
+                return a.split("=", 1)[1]
+    return None
 
 
 def check_request(cpus: float, gpus: float, what: str) -> None:

@@ -26,7 +26,13 @@ from qgen_ray.data.base import ImageData
 from qgen_ray.pipeline.search import SearchStudy
 from qgen_ray.provenance import provenance
 from qgen_ray.ray.session import check_request
-from qgen_ray.ray.tune_study import MAX_FAILURES, ProgressLine, failed_result, tune_storage
+from qgen_ray.ray.tune_study import (
+    MAX_FAILURES,
+    ProgressLine,
+    failed_result,
+    placement,
+    tune_storage,
+)
 from qgen_ray.spec import RunOptions, row_header
 from qgen_ray.store import StudyStore
 
@@ -73,7 +79,7 @@ def search_trial(config: dict, data: ImageData, study: SearchStudy, store_uri: s
             result[column] = math.nan
     except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
         result = failed_result(spec, err)
-    trial.write_result({**result, **tag, "val_fraction": spec.val_fraction})
+    trial.write_result({**result, **tag, "val_fraction": spec.val_fraction, **placement()})
     tune.report({**_metrics({**result, **tag}), "model_id": spec.model_id})
 
 

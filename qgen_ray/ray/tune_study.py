@@ -72,8 +72,18 @@ def run_trial(config: dict, data: ImageData) -> None:
             results = train_pack(specs, data, trials, options, report=_report_member)
     except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
         results = [failed_result(spec, err) for spec in specs]
+    placed = placement()
     for result, trial, extra in zip(results, trials, config["extras"], strict=True):
-        trial.write_result({**result, **extra})
+        trial.write_result({**result, **extra, **placed})
+
+
+def placement() -> dict:
+    """Where Ray ran this trial: its node and its share of a GPU."""
+    import ray
+
+    context = ray.get_runtime_context()
+    share = context.get_assigned_resources().get("GPU", 0.0)
+    return {"node_id": context.get_node_id(), "gpu_share": float(share)}
 
 
 class ProgressLine(tune.Callback):

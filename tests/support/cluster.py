@@ -1,6 +1,7 @@
 """Test machinery for cluster behaviour: a one-machine Ray head for the job workflow
 (`ray job submit`) without a cloud, process checks, and the repository credential scan.
 
+    FakeCluster        a multi-node cluster with the real autoscaler and fake nodes
     LocalHead          `ray start --head` on free ports, token auth, private dashboard;
                        `stop()` ends exactly its own processes
     free_ports(n)      n free TCP ports on 127.0.0.1
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -212,3 +214,132 @@ class LocalHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class FakeCluster:
+    """A multi-node Ray cluster on this machine with Ray's real autoscaler: the
+    `fake_multinode` provider launches and removes worker raylets as local processes with
+    the resources declared per node type (fake GPUs included). Started as
+    ../shared/checks/fake_autoscaling_cluster.sh shows (`ray start --head --block` in its
+    own session; `ray.cluster_utils.AutoscalingCluster` is broken in the wheel); stopped
+    by its process group, never `ray stop`.
+
+    `worker_types`: name -> {"resources": {...}, "min_workers": n, "max_workers": m}.
+    """
+
+    def __init__(self, head_cpus: int, worker_types: dict, idle_timeout_s: float = 6):
+        self.head_cpus, self.worker_types = head_cpus, worker_types
+        self.temp_dir = tempfile.mkdtemp(prefix="qgf-", dir="/tmp")
+        (self.port,) = free_ports(1)
+        self.config = Path(self.temp_dir) / "autoscaler.json"
+        most = sum(t["max_workers"] for t in worker_types.values())
+        self.config.write_text(json.dumps({
+            "cluster_name": "fake", "max_workers": most,
+            "provider": {"type": "fake_multinode", "use_node_id_as_ip": True,
+                         "disable_node_updaters": True, "disable_launch_config_check": True,
+                         "gcs_address": f"{_node_ip()}:{self.port}"},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": head_cpus}, "node_config": {},
+                                     "max_workers": 0},
+                **{name: {"node_config": {}, "min_workers": 0, **t}
+                   for name, t in worker_types.items()},
+            },
+            "head_node_type": "ray.head.default", "auth": {}, "upscaling_speed": 1.0,
+            "idle_timeout_minutes": idle_timeout_s / 60, "docker": {},
+            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+            "worker_setup_commands": [], "head_start_ray_commands": [],
+            "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        }))  # fmt: skip
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        self.env.pop("RAY_ADDRESS", None)
+        self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
+                        RAY_AUTH_MODE="disabled")  # fmt: skip
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{_node_ip()}:{self.port}"
+
+    def start(self, timeout: float = 120) -> FakeCluster:
+        ray_bin = str(Path(sys.executable).with_name("ray"))
+        self.log = open(Path(self.temp_dir) / "head.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block", f"--port={self.port}",
+             f"--num-cpus={self.head_cpus}", "--num-gpus=0",
+             f"--autoscaling-config={self.config}", "--disable-usage-stats",
+             "--include-dashboard=false"],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.time() + timeout
+        while len(self.alive_nodes()) < 1 + sum(
+            t.get("min_workers", 0) for t in self.worker_types.values()
+        ):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError((Path(self.temp_dir) / "head.log").read_text()[-3000:])
+            time.sleep(1)
+        return self
+
+    def alive_nodes(self) -> list[dict]:
+        """Ray's own view (`ray.util.state.list_nodes`) of the live nodes; [] before the
+        head answers."""
+        out = subprocess.run(
+            [sys.executable, "-c", NODES_SCRIPT, self.address], env=self.env,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        return json.loads(out.stdout) if out.returncode == 0 and out.stdout.strip() else []
+
+    def head_node_id(self) -> str:
+        return next(n["node_id"] for n in self.alive_nodes()
+                    if "node:__internal_head__" in n["resources"])  # fmt: skip
+
+    def kill_node_running(self, title: str) -> str | None:
+        """SIGKILL the raylet of a worker node (not the head) on which a process titled
+        `title` (e.g. "ray::FanOutWorker.run", a busy measure worker) runs, as a reclaimed
+        spot node goes: its workers die with it. Returns the node id, None if no such
+        process runs on a worker node now."""
+        table = _proc_table()
+        head = self.head_node_id()
+        for ppid, cmd in table.values():
+            raylet = table.get(ppid, (0, ""))[1]
+            if not cmd.startswith(title) or "raylet/raylet" not in raylet:
+                continue
+            node = re.search(r"--node_id=(\w+)", raylet)
+            if node and node.group(1) != head:
+                os.kill(ppid, signal.SIGKILL)
+                return node.group(1)
+        return None
+
+    def stop(self, grace: float = 15) -> None:
+        if self.proc is not None:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.time() + wait
+                while self.proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.2)
+            self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> FakeCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _node_ip() -> str:
+    import ray._private.services as services
+
+    return services.get_node_ip_address()
+
+
+NODES_SCRIPT = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(json.dumps([{"node_id": n["NodeID"], "resources": n["Resources"],
+                   "port": n["NodeManagerPort"]} for n in ray.nodes() if n["Alive"]]))
+"""
