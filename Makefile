@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,tensorboard]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -247,6 +247,31 @@ def test_cifar_study_smoke_reads_the_published_layout(cifar10_root, tmp_path):
     assert set(trials["dataset"]) == {"cifar10"} and (trials["num_train"] == 100).all()
 
 
+def test_the_data_root_is_the_studys_own_after_its_first_run(cifar10_root, tmp_path):
+    """The README's head-node re-run and follow-up job pass no --data-root: the first run
+    recorded it in study.json, where they find it."""
+    import json
+
+    import ray
+
+    from qgen_ray import cli
+
+    nin_cifar10 = load_script("nin_cifar10")
+    argv = ["--smoke", "--storage", str(tmp_path), "--quiet", "--gpus-per-trial", "0"]
+    study = tmp_path / "nin_cifar10-smoke"
+    try:
+        main(nin_cifar10.STUDY, [*argv, "--data-root", str(cifar10_root), "--stages", "train"])
+        record = json.loads((study / schema.STUDY_JSON).read_text())
+        assert record["data_root"] == str(cifar10_root.resolve())
+        main(nin_cifar10.STUDY, [*argv, "--stages", "train"])  # nothing pending: no data read
+        cli.main(["measure", str(study), "--measures", "weight_norm"])  # loads it from there
+    finally:
+        ray.shutdown()
+    measures = pd.read_parquet(study / schema.MEASURES)
+    assert len(measures) == 4 and set(measures["measure"]) == {"weight_norm"}
+    assert json.loads((study / schema.STUDY_JSON).read_text())["data_root"] == record["data_root"]
+
+
 def test_planned_models_without_a_result_are_named(tmp_path, capsys):
     """A trial that ended without writing its result (e.g. it wrote elsewhere) is said."""
     from qgen_ray.pipeline.study_cli import collect_trials

@@ -60,6 +60,13 @@ def study_data(trials: pd.DataFrame, data_root: str | None):
     return load_image_data(_dataset(trials), data_root)
 
 
+def data_root(store: StudyStore, place: Placement) -> str | None:
+    """The dataset folder: `--data-root` when given, else the study's own (study.json)."""
+    from qgen_ray.pipeline.study_cli import data_root_for
+
+    return data_root_for(store, place.data_root)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where and how a stage's work runs: never part of what it computes."""
@@ -89,7 +96,7 @@ def _fan(
     from qgen_ray.ray.session import init_ray
 
     init_ray(place.address)
-    data = study_data(trials, place.data_root) if in_memory else None
+    data = study_data(trials, data_root(store, place)) if in_memory else None
     _, errors = fan_out(
         store,
         job,
@@ -238,7 +245,9 @@ def _corrupt_imagenet(
 
     num_classes = {int(n) for n in trials["num_classes"]}
     checked = sets if len(todo) else []
-    root, class_to_idx = check_imagenet_c(corrupt_root, place.data_root, checked, num_classes)
+    root, class_to_idx = check_imagenet_c(
+        corrupt_root, data_root(store, place), checked, num_classes
+    )
     if not len(todo):
         return
     items = todo[["model_id", "train_loss", "image_size"]].to_dict("records")

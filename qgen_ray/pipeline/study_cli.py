@@ -37,7 +37,8 @@ def parser(study: Study, fused: bool = True) -> argparse.ArgumentParser:
         "--data-root",
         default=None,
         help="folder holding the dataset on disk (CIFAR: the parent of "
-        "cifar-10-batches-py); not needed for digits",
+        "cifar-10-batches-py); recorded in study.json at the first run, so re-runs and "
+        "the follow-up stages find it; not needed for digits",
     )
     p.add_argument(
         "--download",
@@ -124,8 +125,10 @@ def add_fused_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def write_study_record(store: StudyStore, record: dict) -> None:
-    """study.json: the study's declaration plus provenance; a re-run keeps `created_at`."""
+def write_study_record(store: StudyStore, record: dict, data_root: str | None = None) -> None:
+    """study.json: the study's declaration plus provenance and where its data lives
+    (`data_root`, kept from the first run unless a flag names another); a re-run keeps
+    `created_at`."""
     from datetime import datetime, timezone
 
     from qgen_ray.provenance import provenance
@@ -134,7 +137,21 @@ def write_study_record(store: StudyStore, record: dict) -> None:
     old = store.read_record(schema.STUDY_JSON, "rewritten from the study script")
     if old is not None:
         now = old.get("created_at", now)
-    store.write_json(schema.STUDY_JSON, {**record, "created_at": now, "provenance": provenance()})
+        data_root = data_root or old.get("data_root")
+    extra = {"data_root": data_root} if data_root else {}
+    record = {**record, **extra, "created_at": now, "provenance": provenance()}
+    store.write_json(schema.STUDY_JSON, record)
+
+
+def data_root_for(store: StudyStore, flag: str | None) -> str | None:
+    """The dataset folder: the flag's (a local path made absolute), else the one the
+    study recorded in study.json at its first run."""
+    from pathlib import Path
+
+    if flag:
+        return flag if "://" in flag else str(Path(flag).expanduser().resolve())
+    record = store.read_record(schema.STUDY_JSON, "rewritten from the study script") or {}
+    return record.get("data_root")
 
 
 def collect_trials(
@@ -243,11 +260,13 @@ def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
         from qgen_ray.ray.tune_study import run_training
         from qgen_ray.train.pack import check_pack_models, form_packs
 
-        data = load_image_data(study.dataset, args.data_root, args.download)
+        root = data_root_for(store, args.data_root)
         pending = pending_models(store, plan, study.name)
-        packs = form_packs(pending, pack, spec_of=lambda item: item[0])
-        check_pack_models([[spec for spec, _ in members] for members in packs], data)
-        write_study_record(store, study.describe())
+        if pending:  # a finished study needs no data to re-run its follow-up stages
+            data = load_image_data(study.dataset, root, args.download)
+            packs = form_packs(pending, pack, spec_of=lambda item: item[0])
+            check_pack_models([[spec for spec, _ in members] for members in packs], data)
+        write_study_record(store, study.describe(), root)
         if pending:
             if pack > 1:
                 print(f"[{study.name}] {len(pending)} models in {len(packs)} packs "
@@ -294,8 +313,9 @@ def _search(study, args, store: StudyStore, options, cpus: float, gpus: float) -
     from qgen_ray.ray.session import init_ray
     from qgen_ray.ray.tune_search import run_search
 
-    data = load_image_data(study.dataset, args.data_root, args.download)
-    write_study_record(store, study.describe())
+    root = data_root_for(store, args.data_root)
+    data = load_image_data(study.dataset, root, args.download)
+    write_study_record(store, study.describe(), root)
     init_ray(args.address)
     run_search(store, study, data, options, cpus, gpus, progress=not args.quiet)
     evaluated = evaluate_on_test(store, data)

@@ -225,6 +225,8 @@ class FakeCluster:
     by its process group, never `ray stop`.
 
     `worker_types`: name -> {"resources": {...}, "min_workers": n, "max_workers": m}.
+    The head gets its own temp dir, so a later `ray.init()` on this machine never finds
+    (and tries to join) it, as it would through /tmp/ray/ray_current_cluster.
     """
 
     def __init__(self, head_cpus: int, worker_types: dict, idle_timeout_s: float = 6):
@@ -266,7 +268,7 @@ class FakeCluster:
         self.log = open(Path(self.temp_dir) / "head.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", f"--port={self.port}",
-             f"--num-cpus={self.head_cpus}", "--num-gpus=0",
+             f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
              f"--autoscaling-config={self.config}", "--disable-usage-stats",
              "--include-dashboard=false"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
