@@ -263,7 +263,7 @@ def test_the_data_root_is_the_studys_own_after_its_first_run(cifar10_root, tmp_p
         main(nin_cifar10.STUDY, [*argv, "--data-root", str(cifar10_root), "--stages", "train"])
         record = json.loads((study / schema.STUDY_JSON).read_text())
         assert record["data_root"] == str(cifar10_root.resolve())
-        main(nin_cifar10.STUDY, [*argv, "--stages", "train"])  # nothing pending: no data read
+        main(nin_cifar10.STUDY, [*argv, "--stages", "train"])  # the recorded root is used
         cli.main(["measure", str(study), "--measures", "weight_norm"])  # loads it from there
     finally:
         ray.shutdown()

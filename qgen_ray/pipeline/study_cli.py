@@ -261,11 +261,10 @@ def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
         from qgen_ray.train.pack import check_pack_models, form_packs
 
         root = data_root_for(store, args.data_root)
+        data = load_image_data(study.dataset, root, args.download)  # a bad root: nothing written
         pending = pending_models(store, plan, study.name)
-        if pending:  # a finished study needs no data to re-run its follow-up stages
-            data = load_image_data(study.dataset, root, args.download)
-            packs = form_packs(pending, pack, spec_of=lambda item: item[0])
-            check_pack_models([[spec for spec, _ in members] for members in packs], data)
+        packs = form_packs(pending, pack, spec_of=lambda item: item[0])
+        check_pack_models([[spec for spec, _ in members] for members in packs], data)
         write_study_record(store, study.describe(), root)
         if pending:
             if pack > 1:
