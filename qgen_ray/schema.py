@@ -93,9 +93,10 @@ TRIALS_COLUMNS = [
 # Search studies add: val_fraction, val_loss, val_acc (the validation split carved from the
 # training set; train_* are then on the rest of it) and weight_bits (weights as stored).
 SEARCH_COLUMNS = ["val_fraction", "val_loss", "val_acc", "weight_bits"]
-# Every model trained through Tune adds where it ran: node_id (the Ray node) and
-# gpu_share (the GPU fraction Ray assigned its trial; 0.25 = four trials per GPU).
-PLACEMENT_COLUMNS = ["node_id", "gpu_share"]
+# Every model trained through Tune adds where it ran: node_id (the Ray node), gpu_share
+# (the GPU fraction Ray assigned its trial; 0.25 = four trials per GPU) and run_id (the
+# Tune run of the study that wrote the row).
+PLACEMENT_COLUMNS = ["node_id", "gpu_share", "run_id"]
 
 HISTORY_COLUMNS = ["model_id", "epoch", "train_loss", "train_acc", "lr", "seconds"]
 

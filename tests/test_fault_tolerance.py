@@ -2,7 +2,8 @@
 
 - a trial process killed mid-training is retried by Tune and resumes from its last.pt;
 - a trial whose code raises in k of N models leaves N-k ok rows and k failed rows with
-  their reasons, and a re-run retries only those k;
+  their reasons, ends as ERROR in Tune's results with its error, and a re-run retries only
+  those k;
 - a measure actor killed mid-search is restarted and no result is lost;
 - a measure job killed mid-way keeps every row it flushed; a re-run finishes the rest.
 
@@ -104,7 +105,9 @@ def faults(head, tmp_path_factory):
     killed = head.pids("ray::ImplicitFunc")
     _kill(killed)
     out = run.finish(code=1)  # the two raising models failed
-    return {"study": study, "args": args, "out": out, "killed": killed, "init": init_mtimes}
+    (tune_run,) = (study / schema.TUNE_DIR).glob("train-*")
+    return {"study": study, "args": args, "out": out, "killed": killed, "init": init_mtimes,
+            "tune_run": tune_run}  # fmt: skip
 
 
 def test_killed_trial_process_is_retried_and_resumes(faults):
@@ -145,6 +148,21 @@ def test_raising_models_leave_failed_rows_and_only_they_are_retried(faults, head
             assert results[model_id].read_bytes() == was  # untouched
     again = pd.read_parquet(study / schema.TRIALS)
     assert again["status"].value_counts().to_dict() == {"ok": 2, "failed": 2}
+
+
+def test_raising_models_end_as_error_in_tunes_results(faults):
+    """Tune's own view agrees with the store: the raising trials are ERROR with their
+    error (Tune's retries raised it again without training), the others TERMINATED."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    trials = pd.read_parquet(faults["study"] / schema.TRIALS)
+    failed = set(trials.loc[trials["status"] == "failed", "model_id"])
+    grid = ResultGrid(ExperimentAnalysis(str(faults["tune_run"])))
+    errors = {Path(r.path).name: r.error for r in grid}  # trial folder = model id
+    assert set(errors) == set(trials["model_id"])
+    assert {m for m, e in errors.items() if e is not None} == failed
+    assert all(BN_ERROR.split(": ", 1)[1] in str(errors[m]) for m in failed)
+    assert trials["run_id"].str.fullmatch("[0-9a-f]{12}").all()  # the Tune run of each row
 
 
 def test_killed_measure_actor_is_replaced_and_no_result_is_lost(faults, head):

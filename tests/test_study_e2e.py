@@ -159,6 +159,7 @@ def test_killed_study_resumes_without_retraining(tmp_path):
         proc.wait()
     before = {p.parent.name: p.read_text() for p in study.glob("trials/*/result.json")}
     assert 1 <= len(before) < 4
+    first_runs = set((study / schema.TUNE_DIR).glob("train-*"))
     out = _run([str(script), "--storage", str(tmp_path / "store"), "--quiet"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"{len(before)} already done" in out.stdout
@@ -168,6 +169,19 @@ def test_killed_study_resumes_without_retraining(tmp_path):
         assert (study / "trials" / mid / "result.json").read_text() == text
     history = pd.read_parquet(study / schema.HISTORY)
     assert (history.groupby("model_id")["epoch"].apply(list) == [list(range(1, 41))] * 4).all()
+    # TensorBoard: a model resumed at epoch k > 1 continues its curves at step k, not at 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (rerun,) = set((study / schema.TUNE_DIR).glob("train-*")) - first_runs
+    starts = []
+    for mid in set(trials["model_id"]) - set(before):
+        (events,) = (rerun / mid).glob("events.out.tfevents*")
+        tb = EventAccumulator(str(events))
+        tb.Reload()
+        steps = [e.step for e in tb.Scalars("ray/tune/train_loss")]
+        assert steps == list(range(steps[0], 41))
+        starts.append(steps[0])
+    assert max(starts) > 1  # the model that had begun resumed (killed after >= 1 epoch)
 
 
 def _bad(argv, study: Study, capsys) -> str:

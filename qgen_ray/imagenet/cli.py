@@ -214,10 +214,12 @@ def resources(args: argparse.Namespace):
 def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     """Validate everything, fine-tune the pending models, collect; {stage: output path}."""
     from qgen_ray.imagenet.imagefolder import check_imagefolder
+    from qgen_ray.ray import tracking
     from qgen_ray.ray.session import init_ray
     from qgen_ray.store import StudyStore
     from qgen_ray.train.finetune import FinetuneOptions
 
+    trackers = tracking.parse(args.callbacks)
     if args.download:
         raise UserError("ImageNet cannot be downloaded here; put it under --data-root yourself")
     stages = args.stages or list(studies[0].stages)
@@ -276,6 +278,7 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
                 weights=weights,
                 already_done=len(plan) - len(pending),
                 progress=not args.quiet,
+                trackers=trackers,
             )
         outputs["trials"] = study_cli.collect_trials(store, name)
     if "corrupt" in stages:

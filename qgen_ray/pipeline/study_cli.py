@@ -93,6 +93,14 @@ def parser(study: Study, fused: bool = True) -> argparse.ArgumentParser:
     )
     if fused:
         add_fused_flags(p)
+    p.add_argument(
+        "--callbacks",
+        default=None,
+        metavar="mlflow,wandb",
+        help="log every model's curves to MLflow and/or Weights & Biases too (Ray Tune's "
+        "MLflowLoggerCallback / WandbLoggerCallback; extras: pip install -e '.[mlflow]' "
+        "or '.[wandb]'); TensorBoard files are always written",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress line")
     return p
 
@@ -214,11 +222,13 @@ def run(study: Study, args: argparse.Namespace) -> dict:
     from dataclasses import replace
 
     from qgen_ray.pipeline.search import SearchStudy
+    from qgen_ray.ray import tracking
     from qgen_ray.spec import RunOptions
     from qgen_ray.store import StudyStore
     from qgen_ray.train.loop import resolve_dtype
     from qgen_ray.train.pack import check_fast_paths
 
+    args.trackers = tracking.parse(args.callbacks)
     if args.smoke:
         study = replace(study.smoke(), name=f"{study.name}-smoke")
     stages = args.stages or list(study.stages)
@@ -280,6 +290,7 @@ def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
                 gpus,
                 already_done=len(plan) - len(pending),
                 progress=not args.quiet,
+                trackers=args.trackers,
             )
         outputs["trials"] = collect_trials(store, study.name, [s.model_id for s, _ in pending])
     if "trials" in outputs:
@@ -316,7 +327,8 @@ def _search(study, args, store: StudyStore, options, cpus: float, gpus: float) -
     data = load_image_data(study.dataset, root, args.download)
     write_study_record(store, study.describe(), root)
     init_ray(args.address)
-    run_search(store, study, data, options, cpus, gpus, progress=not args.quiet)
+    run_search(store, study, data, options, cpus, gpus, progress=not args.quiet,
+               trackers=args.trackers)  # fmt: skip
     evaluated = evaluate_on_test(store, data)
     print(f"[{study.name}] search over: {evaluated} models evaluated on the test set", flush=True)
     return collect_trials(store, study.name)

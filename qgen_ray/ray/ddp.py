@@ -10,7 +10,8 @@ Resume lives in the study store, not in Ray: a Train run resumes from the model'
 `last.pt`. Every attempt gets a fresh Train run name, because re-running a Train run
 under the same `RunConfig(name)` silently resumes Ray's own state instead. Worker deaths
 are retried by Train (`MAX_FAILURES`, each retry resumes from `last.pt`); a run that still
-fails is recorded as `failed` (a re-run of the study retries it).
+fails is recorded as `failed` (a re-run of the study retries it) and its trial ends as
+ERROR in Tune's results.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from qgen_ray import schema
 from qgen_ray.errors import UserError
-from qgen_ray.ray.tune_study import MAX_FAILURES, ProgressLine, failed_result, tune_storage
+from qgen_ray.ray.tune_study import (
+    MAX_FAILURES,
+    ProgressLine,
+    failed_result,
+    run_config,
+    tune_storage,
+)
 from qgen_ray.spec import TrainSpec
 from qgen_ray.store import StudyStore
 from qgen_ray.train.finetune import FinetuneOptions, finetune
@@ -117,6 +124,7 @@ def finetune_trial(config: dict) -> None:
         result = failed_result(spec, err)
         result.update(config["options"]["extra"])
         trial.write_result(result)
+        raise  # ERROR in Tune's results, with the error
 
 
 def run_finetune(
@@ -127,10 +135,12 @@ def run_finetune(
     weights: dict[str, str] | None = None,
     already_done: int = 0,
     progress: bool = True,
+    trackers: tuple[str, ...] = (),
 ) -> None:
     """Fine-tune every pending model as one Tune trial holding one Train run; results
     land in the store (`<study>/trials/<model_id>/result.json`). `weights` maps a model
-    name to its starting state dict (overrides `options.weights`)."""
+    name to its starting state dict (overrides `options.weights`); `trackers`:
+    `ray.tracking` names."""
     if not pending:
         return
     configs = [
@@ -156,12 +166,8 @@ def run_finetune(
             trial_name_creator=lambda t: t.config["trial"]["model_id"],
             trial_dirname_creator=lambda t: t.config["trial"]["model_id"],
         ),
-        run_config=tune.RunConfig(
-            name=f"finetune-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
-            storage_path=tune_storage(store),
-            verbose=0,
-            callbacks=callbacks,
-        ),
+        # Train retries dead workers itself (and the trial records a failure): no Tune retry
+        run_config=run_config(store, "finetune", callbacks, trackers, max_failures=0),
     )
     tuner.fit()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,11 +26,14 @@ from qgen_ray.pipeline.search import SearchStudy
 from qgen_ray.provenance import provenance
 from qgen_ray.ray.session import check_request
 from qgen_ray.ray.tune_study import (
-    MAX_FAILURES,
+    ModelFailed,
     ProgressLine,
+    failed_in_this_run,
     failed_result,
+    new_run_id,
     placement,
-    tune_storage,
+    report_epoch,
+    run_config,
 )
 from qgen_ray.spec import RunOptions, row_header
 from qgen_ray.store import StudyStore
@@ -42,10 +44,16 @@ def _metrics(result: dict) -> dict:
     return {k: result.get(k, math.nan) for k in ("val_loss", "val_acc", "weight_bits")}
 
 
+def _report_final(result: dict, model_id: str) -> None:
+    """A finished model's stored numbers to Tune / Optuna, at its last epoch."""
+    report_epoch({**_metrics(result), "epoch": result.get("epochs_run", 0), "model_id": model_id})
+
+
 def search_trial(config: dict, data: ImageData, study: SearchStudy, store_uri: str,
-                 options: dict) -> None:  # fmt: skip
+                 options: dict, run_id: str) -> None:  # fmt: skip
     """Tune trainable: train the model the sampled point names on the training set less
-    its validation split, reporting val_loss each epoch; store its result."""
+    its validation split, reporting val_loss each epoch; store its result. A model whose
+    code raised is stored `failed` and ends as ERROR in Tune (Optuna: FAIL)."""
     import torch
 
     from qgen_ray.pipeline.collect import FINISHED
@@ -58,8 +66,11 @@ def search_trial(config: dict, data: ImageData, study: SearchStudy, store_uri: s
     trial = StudyStore(store_uri).trial(spec.model_id)
     done = trial.result()
     if done is not None and done.get("status") in FINISHED:  # sampled again: never retrained
-        tune.report({**_metrics(done), "model_id": spec.model_id})
+        _report_final(done, spec.model_id)
         return
+    reason = failed_in_this_run([done], run_id)
+    if reason is not None:  # Tune's retry of a code error
+        raise ModelFailed(reason)
     search_data = data.with_validation(spec.val_fraction, spec.seed)  # no test split in it
     bits = weight_bits(build_model(spec, data.num_classes, data.in_channels, data.image_size))
     tag = {"model_id": spec.model_id, "weight_bits": bits}
@@ -69,7 +80,7 @@ def search_trial(config: dict, data: ImageData, study: SearchStudy, store_uri: s
         # stored (ASHA ends a trial at max_t = epochs, which must not cut it short)
         def report(metrics: dict) -> None:
             if metrics["epoch"] < spec.epochs:
-                tune.report({**metrics, **tag})
+                report_epoch({**metrics, **tag})
 
         result = train(spec, search_data, trial, run, report=report)
         # the held-out split was the validation split: its numbers are val_*; test_* come
@@ -78,9 +89,12 @@ def search_trial(config: dict, data: ImageData, study: SearchStudy, store_uri: s
         for column in ("test_loss", "test_acc", "gap_loss", "gap_acc"):
             result[column] = math.nan
     except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
-        result = failed_result(spec, err)
-    trial.write_result({**result, **tag, "val_fraction": spec.val_fraction, **placement()})
-    tune.report({**_metrics({**result, **tag}), "model_id": spec.model_id})
+        trial.write_result({**failed_result(spec, err), **tag, "val_fraction": spec.val_fraction,
+                            **placement(), "run_id": run_id})  # fmt: skip
+        raise
+    trial.write_result({**result, **tag, "val_fraction": spec.val_fraction, **placement(),
+                        "run_id": run_id})  # fmt: skip
+    _report_final({**result, **tag}, spec.model_id)
 
 
 class StoppedRows(tune.Callback):
@@ -158,9 +172,10 @@ def run_search(
     cpus_per_trial: float,
     gpus_per_trial: float,
     progress: bool = True,
+    trackers: tuple[str, ...] = (),
 ) -> int:
     """Train models the sampler proposes until `study.budget` have finished; return how
-    many this run trained or reported."""
+    many this run trained or reported. `trackers`: `ray.tracking` names."""
     import optuna
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -196,15 +211,16 @@ def run_search(
     )
     options_dict = {**dataclasses.asdict(options), "cpus": cpus_per_trial}
     options_dict.pop("validate_each_epoch")
+    run_id = new_run_id()
     trainable = tune.with_resources(
         tune.with_parameters(search_trial, data=data, study=study, store_uri=store.uri,
-                             options=options_dict),
+                             options=options_dict, run_id=run_id),
         {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
     )  # fmt: skip
     journal = SaveJournal(store, local)
     callbacks: list = [StoppedRows(study, store), journal]
     if progress:
-        line = ProgressLine(store.name, remaining, done, store)
+        line = ProgressLine(store.name, remaining, done, store, run_id)
         line.ids_of = lambda trial: [study.spec(trial.config).model_id]
         callbacks.append(line)
     tuner = tune.Tuner(
@@ -215,15 +231,8 @@ def run_search(
             num_samples=remaining,
             reuse_actors=False,  # a stopped model's process ends with it
         ),
-        run_config=tune.RunConfig(
-            name=f"search-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
-            storage_path=tune_storage(store),
-            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-            verbose=0,
-            callbacks=callbacks,
-        ),
+        run_config=run_config(store, "search", callbacks, trackers),
     )
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tuner.fit()
     journal.save()
     return remaining

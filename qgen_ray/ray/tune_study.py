@@ -7,7 +7,11 @@ model's own result.json. Idempotency lives in the store, not in Tune: the
 driver plans the grid, drops every model that already has a result (ok or diverged),
 and gives Tune only the rest; a model that had started continues from its `last.pt`.
 A trial whose code raises is recorded as `failed` with its reason (a re-run retries
-it); a trial whose process dies is retried by Tune (`MAX_FAILURES`) and resumes.
+it) and ends as ERROR in Tune with that error: Tune's retries of it (`MAX_FAILURES`, there
+for processes that die) raise the recorded error again at once, without training. A trial
+whose process dies is retried by Tune and resumes from its `last.pt`. Every epoch is
+reported with `timesteps_total = epoch`, the step Tune's TensorBoard, MLflow and W&B
+callbacks plot at, so a resumed model's curves continue where they stopped.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import dataclasses
 import os
 import time
 import traceback
+import uuid
 from datetime import datetime, timezone
 
 from ray import tune
+from ray.tune.result import TIMESTEPS_TOTAL
 
 from qgen_ray import schema
 from qgen_ray.data.base import ImageData
@@ -45,13 +51,32 @@ def failed_result(spec: TrainSpec, err: BaseException) -> dict:
     }
 
 
+class ModelFailed(RuntimeError):
+    """Tune's retry of a trial whose code raised in this run: the recorded reason."""
+
+
+def report_epoch(metrics: dict) -> None:
+    """One epoch to Tune, its epoch as the step trackers plot at (a resumed model's
+    first report is its next epoch, not step 1)."""
+    tune.report({**metrics, TIMESTEPS_TOTAL: metrics["epoch"]})
+
+
 def _report_member(metrics: dict) -> None:
     """A pack member's epoch to Tune, its numbers tagged with its model id (one
     TensorBoard curve per member inside the pack's trial)."""
     tag = metrics["model_id"]
-    tune.report(
-        {"model_id": tag, **{f"{tag}/{k}": v for k, v in metrics.items() if k != "model_id"}}
-    )
+    report_epoch({"epoch": metrics["epoch"], "model_id": tag,
+                  **{f"{tag}/{k}": v for k, v in metrics.items() if k != "model_id"}})  # fmt: skip
+
+
+def failed_in_this_run(results: list[dict | None], run_id: str) -> str | None:
+    """The reason, when every model of a trial already failed in this Tune run (so this
+    start is Tune's retry of a code error, not of a dead process)."""
+    if results and all(
+        r and r.get("status") == schema.STATUS_FAILED and r.get("run_id") == run_id for r in results
+    ):
+        return results[0].get("reason", "")
+    return None
 
 
 def run_trial(config: dict, data: ImageData) -> None:
@@ -65,16 +90,22 @@ def run_trial(config: dict, data: ImageData) -> None:
     study = StudyStore(config["store"])
     trials = [study.trial(spec.model_id) for spec in specs]
     options = RunOptions(**config["options"])
+    reason = failed_in_this_run([trial.result() for trial in trials], config["run_id"])
+    if reason is not None:
+        raise ModelFailed(reason)
+    failure = None
     try:
         if len(specs) == 1 and not options.fast_paths:  # the plain reference path
-            results = [train(specs[0], data, trials[0], options, report=tune.report)]
+            results = [train(specs[0], data, trials[0], options, report=report_epoch)]
         else:
             results = train_pack(specs, data, trials, options, report=_report_member)
     except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
-        results = [failed_result(spec, err) for spec in specs]
-    placed = placement()
+        results, failure = [failed_result(spec, err) for spec in specs], err
+    placed = {**placement(), "run_id": config["run_id"]}
     for result, trial, extra in zip(results, trials, config["extras"], strict=True):
         trial.write_result({**result, **extra, **placed})
+    if failure is not None:
+        raise failure  # ERROR in Tune's results, with the error
 
 
 def placement() -> dict:
@@ -96,8 +127,10 @@ class ProgressLine(tune.Callback):
     Tune gives up. `done` counts models that need no more training (ok or diverged).
     """
 
-    def __init__(self, study: str, total: int, already: int, store: StudyStore | None = None):
+    def __init__(self, study: str, total: int, already: int, store: StudyStore | None = None,
+                 run_id: str = ""):  # fmt: skip
         self.study, self.total, self.already, self.store = study, total, already, store
+        self.run_id = run_id
         self.done = self.failed = self.retried = 0
         self.start = time.time()
         self.last_print = 0.0
@@ -140,7 +173,12 @@ class ProgressLine(tune.Callback):
         self._print(trials, force=True, ended=trial)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.retried += len(self.ids_of(trial))
+        ids = self.ids_of(trial)
+        if self.store is not None and failed_in_this_run(
+            [self.store.trial(m).result() for m in ids], self.run_id
+        ):
+            return  # its code raised: Tune's retries only confirm the error
+        self.retried += len(ids)  # its process died
         self._print(trials, force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -158,6 +196,30 @@ def tune_storage(store: StudyStore) -> str:
     return store.path(schema.TUNE_DIR) if store.is_local else f"{store.uri}/{schema.TUNE_DIR}"
 
 
+def new_run_id() -> str:
+    """The id of one Tune run of a study (recorded in each row it writes: `run_id`)."""
+    return uuid.uuid4().hex[:12]
+
+
+def run_config(
+    store: StudyStore, kind: str, callbacks: list, trackers=(), max_failures: int = MAX_FAILURES
+) -> tune.RunConfig:
+    """A study's Tune run: its files in the study folder (`tune/<kind>-<time>`), trials
+    whose process died retried `max_failures` times, the progress and tracking
+    callbacks; Ctrl-C stops at once (Tune's own handler would end the run quietly and let
+    the next stages start on a partial population): finished models are stored."""
+    from qgen_ray.ray.tracking import callbacks as tracker_callbacks
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    return tune.RunConfig(
+        name=f"{kind}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
+        storage_path=tune_storage(store),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        verbose=0,
+        callbacks=[*callbacks, *tracker_callbacks(tuple(trackers), store.name)],
+    )
+
+
 def run_training(
     store: StudyStore,
     packs: list[list[tuple[TrainSpec, dict]]],
@@ -167,16 +229,18 @@ def run_training(
     gpus_per_trial: float,
     already_done: int = 0,
     progress: bool = True,
+    trackers: tuple[str, ...] = (),
 ) -> None:
     """Train every pending model, one Tune trial per pack of (spec, extra) pairs with the
     per-trial resources (`train.pack.form_packs` forms them; a pack of one is one plain
-    model); results land in the store."""
+    model); results land in the store. `trackers`: `ray.tracking` names."""
     if not packs:
         return
     check_request(cpus_per_trial, gpus_per_trial, "--cpus-per-trial / --gpus-per-trial")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, data=data), {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     )
+    run_id = new_run_id()
     configs = [
         {
             "specs": [spec.to_dict() for spec, _ in members],
@@ -188,11 +252,12 @@ def run_training(
             if len(members) == 1
             else f"pack-{pack_id([s for s, _ in members])}",
             "model_ids": [spec.model_id for spec, _ in members],
+            "run_id": run_id,
         }
         for members in packs
     ]
     total = sum(len(members) for members in packs)
-    callbacks = [ProgressLine(store.name, total, already_done, store)] if progress else []
+    callbacks = [ProgressLine(store.name, total, already_done, store, run_id)] if progress else []
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(configs)},
@@ -201,17 +266,8 @@ def run_training(
             trial_name_creator=lambda t: t.config["trial"]["model_id"],
             trial_dirname_creator=lambda t: t.config["trial"]["model_id"],
         ),
-        run_config=tune.RunConfig(
-            name=f"train-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}",
-            storage_path=tune_storage(store),
-            failure_config=tune.FailureConfig(max_failures=MAX_FAILURES),
-            verbose=0,
-            callbacks=callbacks,
-        ),
+        run_config=run_config(store, "train", callbacks, trackers),
     )
-    # Ctrl-C stops the study at once (Tune's own handler would end the run quietly and
-    # let the next stages start on a partial population): finished models are stored.
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tuner.fit()
 
 
