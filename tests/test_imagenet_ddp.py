@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ from qgen_ray.imagenet.imagefolder import (
     train_transform,
 )
 from qgen_ray.spec import TrainSpec
-from qgen_ray.store import StudyStore
+from qgen_ray.store import LOCK, StudyStore
 from qgen_ray.train.finetune import FinetuneOptions, finetune
 from tests.support.fixtures import REPO, load_script, save_weights, write_imagefolder
 
@@ -252,6 +253,15 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "train/ and val/" in _bad([*ok, "--data-root", str(tmp_path / "none")], capsys)
     assert "divide" in _bad([*ok, "--data-root", str(good), "--workers", "3"], capsys)
     assert not (tmp_path / "store").exists()  # nothing written
+
+    # a second run beside a live one (here: a lease just renewed on another machine)
+    study = tmp_path / "store" / "imagenet_finetune-smoke"
+    study.mkdir(parents=True)
+    now = datetime.now(timezone.utc).isoformat()
+    lease = {"token": "t", "pid": 1, "host": "elsewhere", "command": "c", "since": now}
+    (study / LOCK).write_text(json.dumps({**lease, "renewed": now}))
+    assert "another run is writing" in _bad([*ok, "--data-root", str(good)], capsys)
+    assert sorted(p.name for p in study.iterdir()) == [LOCK]  # nothing written
 
 
 # -- the study script through real Ray Train (2 CPU workers, gloo) ---------------------------

@@ -215,9 +215,7 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     """Validate everything, fine-tune the pending models, collect; {stage: output path}."""
     from qgen_ray.imagenet.imagefolder import check_imagefolder
     from qgen_ray.ray import tracking
-    from qgen_ray.ray.session import init_ray
     from qgen_ray.store import StudyStore
-    from qgen_ray.train.finetune import FinetuneOptions
 
     trackers = tracking.parse(args.callbacks)
     if args.download:
@@ -242,52 +240,63 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
             )
     store = StudyStore.for_study(args.storage, name)
     corrupt = corrupt_options(studies[0], args) if "corrupt" in stages else {}
-    outputs: dict[str, str] = {}
+    weights = {}
     if "train" in stages:
         if corrupt:  # ImageNet-C checked before the (long) training, not after it
             check_imagenet_c(args.corrupt_root, args.data_root, corrupt["sets"])
         classes = check_imagefolder(args.data_root)
-        models = sorted({s.model for s, _ in plan})
-        weights = parse_weights(args.weights, models)
+        weights = parse_weights(args.weights, sorted({s.model for s, _ in plan}))
         check_weights(plan, weights, args.pretrained_from_hub, len(classes))
-        store.check_writable()
-        study_cli.write_study_record(store, describe(studies, name, plan))
-        pending = study_cli.pending_models(store, plan, name, verb="fine-tune")
-        if pending:
-            from qgen_ray.ray.ddp import run_finetune
+    store.check_writable()
+    outputs: dict[str, str] = {}
+    with store.claimed(f"studies/{name}.py"):  # one writing run per study folder
+        if "train" in stages:
+            study_cli.write_study_record(store, describe(studies, name, plan))
+            _finetune(store, name, plan, weights, trackers, args)
+            outputs["trials"] = study_cli.collect_trials(store, name)
+        if "corrupt" in stages:
+            outputs["corrupt"] = run_corrupt(store, args, corrupt)
+        if "report" in stages:
+            from qgen_ray.pipeline import followups as stage_impl
 
-            init_ray(args.address)
-            res = resources(args)
-            print(
-                f"[{name}] {res.workers} workers per run, {res.cpus_per_worker:g} CPU and "
-                f"{res.gpus_per_worker:g} GPU each",
-                flush=True,
-            )
-            options = FinetuneOptions(  # absolute paths: Ray Train workers change directory
-                store=store.root if store.is_local else store.uri,
-                data_root=str(Path(args.data_root).expanduser().resolve()),
-                pretrained_from_hub=args.pretrained_from_hub,
-                cpus_per_worker=res.cpus_per_worker,
-                log_samples=args.log_samples,
-            )
-            run_finetune(
-                store,
-                pending,
-                options,
-                res,
-                weights=weights,
-                already_done=len(plan) - len(pending),
-                progress=not args.quiet,
-                trackers=trackers,
-            )
-        outputs["trials"] = study_cli.collect_trials(store, name)
-    if "corrupt" in stages:
-        outputs["corrupt"] = run_corrupt(store, args, corrupt)
-    if "report" in stages:
-        from qgen_ray.pipeline import followups as stage_impl
-
-        outputs["report"] = stage_impl.run_stage("report", store, args, {})
+            outputs["report"] = stage_impl.run_stage("report", store, args, {})
     return outputs
+
+
+def _finetune(store, name: str, plan: list, weights: dict, trackers: tuple, args) -> None:
+    """Fine-tune the planned models that have no result yet, through Ray Train."""
+    from qgen_ray.ray.session import init_ray
+    from qgen_ray.train.finetune import FinetuneOptions
+
+    pending = study_cli.pending_models(store, plan, name, verb="fine-tune")
+    if not pending:
+        return
+    from qgen_ray.ray.ddp import run_finetune
+
+    init_ray(args.address)
+    res = resources(args)
+    print(
+        f"[{name}] {res.workers} workers per run, {res.cpus_per_worker:g} CPU and "
+        f"{res.gpus_per_worker:g} GPU each",
+        flush=True,
+    )
+    options = FinetuneOptions(  # absolute paths: Ray Train workers change directory
+        store=store.root if store.is_local else store.uri,
+        data_root=str(Path(args.data_root).expanduser().resolve()),
+        pretrained_from_hub=args.pretrained_from_hub,
+        cpus_per_worker=res.cpus_per_worker,
+        log_samples=args.log_samples,
+    )
+    run_finetune(
+        store,
+        pending,
+        options,
+        res,
+        weights=weights,
+        already_done=len(plan) - len(pending),
+        progress=not args.quiet,
+        trackers=trackers,
+    )
 
 
 def corrupt_options(study: Study, args: argparse.Namespace) -> dict:
