@@ -88,10 +88,16 @@ class ElasticPool:
         self.busy: dict = {}  # run() ref -> (worker, item)
         self.start = time.time()
         self.sizes: list[tuple[float, int]] = []
+        self.asked = -1  # workers last asked of the autoscaler
 
     def _ask(self, workers: int) -> None:
+        """Ask the autoscaler for `workers` workers' resources (only when that changes:
+        each request is a call to the GCS)."""
+        if workers == self.asked:
+            return
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
         request_resources(bundles=[bundle] * workers)
+        self.asked = workers
 
     def _grow(self, wanted: int) -> None:
         claimed = {"CPU": self.cpus * len(self.starting), "GPU": self.gpus * len(self.starting)}
