@@ -109,7 +109,7 @@ MEASURES_COLUMNS = [
     "sigma",  # the searched sigma / alpha (NaN when there is no search)
     "flatness",  # 1/sigma^2 or 1/alpha^2 (NaN when there is no search)
     "converged",  # bool: the search met its tolerance
-    "mode",  # "fast" | "faithful" | "exact"
+    "mode",  # "fast" | "faithful" (searched measures) | "exact" (weight_norm: computed, no search)
     "forward_images",  # images pushed through the network by this measurement
     "seconds",
     "paper_scale",  # sqrt(value / m), as the paper prints a bound (NaN for weight_norm)

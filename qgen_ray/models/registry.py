@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from qgen_ray.errors import UserError
-from qgen_ray.models.weights import load_weights_file
+from qgen_ray.models.weights import WEIGHTS_FIX, load_weights_file
 from qgen_ray.registry import Registry
 
 Builder = Callable[..., nn.Module]
@@ -106,7 +106,7 @@ def create_model(
         raise UserError("pass either weights=<file> or pretrained=True, not both")
     if pretrained and not entry.pretrained:
         raise UserError(
-            f"model {name!r} has no published weights; drop pretrained=True or pass weights=<file>"
+            f"model {name!r} has no published weights; drop pretrained=True or {WEIGHTS_FIX}"
         )
     if pretrained:
         kwargs["pretrained"] = True

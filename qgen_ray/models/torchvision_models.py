@@ -19,7 +19,7 @@ from torch import nn
 
 from qgen_ray.errors import UserError
 from qgen_ray.models.registry import register_model
-from qgen_ray.models.weights import load_fitting
+from qgen_ray.models.weights import WEIGHTS_FIX, load_fitting
 
 # registry name -> module name of the classifier in torchvision's model
 TORCHVISION_HEADS = {"resnet18": "fc", "resnet50": "fc", "mobilenet_v2": "classifier.1"}
@@ -47,7 +47,7 @@ def hub_state_dict(arch: str) -> tuple[dict[str, torch.Tensor], str]:
     """torchvision's DEFAULT ImageNet weights for `arch` and their name; UserError offline."""
     weights = torchvision.models.get_model_weights(arch).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    fix = f"put {Path(weights.url).name} in {cached.parent} or pass weights=<file>"
+    fix = f"put {Path(weights.url).name} in {cached.parent} or {WEIGHTS_FIX}"
     if not cached.is_file() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError(f"{weights} is not cached and HF_HUB_OFFLINE=1 forbids downloads; {fix}")
     try:

@@ -23,6 +23,7 @@ from torch import nn
 
 from qgen_ray.errors import UserError
 from qgen_ray.models.registry import register_model
+from qgen_ray.models.weights import WEIGHTS_FIX
 
 SWIN_MERGES = 3  # patch-merging stages of Swin-T (each halves the token grid)
 
@@ -48,7 +49,7 @@ def timm_model(
     except OSError as err:
         raise UserError(
             f"cannot fetch timm weights for {arch} ({err.__class__.__name__}); connect to the "
-            "Hugging Face hub, fill its cache, or pass weights=<file>"
+            f"Hugging Face hub, fill its cache, or {WEIGHTS_FIX}"
         ) from None
 
 

@@ -20,6 +20,11 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from qgen_ray.errors import UserError
 
 SHOWN_KEYS = 3  # how many offending keys of each kind an error message names
+# how a user passes a local file instead of published weights, in an error message's fix
+WEIGHTS_FIX = (
+    "pass a local state dict (--weights MODEL=PATH in the ImageNet studies, weights=<file> "
+    "in Python)"
+)
 
 
 def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:

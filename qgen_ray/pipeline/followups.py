@@ -9,7 +9,9 @@ idempotent: a re-run after a kill finishes only what is missing.
 from __future__ import annotations
 
 import argparse
+import tempfile
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import pandas as pd
 
@@ -336,6 +338,18 @@ def report_study(store: StudyStore, out: str | None = None) -> str:
     return str(write_report(store.root if store.is_local else store.uri, out=out))
 
 
+def publish_report(store: StudyStore) -> str:
+    """The report stage of a run that writes the study (it holds the lease): the report
+    in <study>/report, on an object store too (written locally, then copied in)."""
+    if store.is_local:
+        return report_study(store)
+    with tempfile.TemporaryDirectory(prefix="qgen-report-") as tmp:
+        report_md = Path(report_study(store, out=tmp)).name
+        for path in sorted(Path(tmp).iterdir()):
+            store.write_bytes(f"{schema.REPORT_DIR}/{path.name}", path.read_bytes())
+    return f"{store.uri}/{schema.REPORT_DIR}/{report_md}"
+
+
 STAGE_FUNCTIONS = {
     "measure": measure_study,
     "corrupt": corrupt_study,
@@ -361,7 +375,7 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
 def run_stage(stage: str, store: StudyStore, args: argparse.Namespace, options: dict) -> str:
     """Run one stage with the study's options and the command line's placement."""
     if stage == "report":
-        return report_study(store)
+        return publish_report(store)
     if stage == "corrupt" and getattr(args, "corrupt_root", None):
         options = {**options, "corrupt_root": args.corrupt_root}
     return STAGE_FUNCTIONS[stage](store, **options, place=placement_from_args(args))

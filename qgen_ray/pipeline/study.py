@@ -108,7 +108,7 @@ class Study:
     description: str = ""
 
     def smoke(self) -> Study:
-        """The same study shrunk to seconds, for CI (`--smoke`)."""
+        """The same study shrunk to about a minute with Ray's start, for CI (`--smoke`)."""
         return replace(
             self,
             grid=self.smoke_grid if self.smoke_grid is not None else self.grid,

@@ -229,10 +229,11 @@ class FakeCluster:
     (and tries to join) it, as it would through /tmp/ray/ray_current_cluster.
     """
 
-    def __init__(self, head_cpus: int, worker_types: dict, idle_timeout_s: float = 6):
-        self.head_cpus, self.worker_types = head_cpus, worker_types
+    def __init__(self, head_cpus: int, worker_types: dict, idle_timeout_s: float = 6,
+                 dashboard: bool = False, env: dict | None = None):  # fmt: skip
+        self.head_cpus, self.worker_types, self.dashboard = head_cpus, worker_types, dashboard
         self.temp_dir = tempfile.mkdtemp(prefix="qgf-", dir="/tmp")
-        (self.port,) = free_ports(1)
+        self.port, self.dashboard_port = free_ports(2)
         self.config = Path(self.temp_dir) / "autoscaler.json"
         most = sum(t["max_workers"] for t in worker_types.values())
         self.config.write_text(json.dumps({
@@ -256,12 +257,17 @@ class FakeCluster:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
         self.env.pop("RAY_ADDRESS", None)
         self.env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1",
-                        RAY_AUTH_MODE="disabled")  # fmt: skip
+                        RAY_AUTH_MODE="disabled", **(env or {}))  # fmt: skip
         self.proc: subprocess.Popen | None = None
 
     @property
     def address(self) -> str:
         return f"{_node_ip()}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        """The job server (`dashboard=True`), for `ray job submit --address`."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, timeout: float = 120) -> FakeCluster:
         ray_bin = str(Path(sys.executable).with_name("ray"))
@@ -270,7 +276,9 @@ class FakeCluster:
             [ray_bin, "start", "--head", "--block", f"--port={self.port}",
              f"--num-cpus={self.head_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
              f"--autoscaling-config={self.config}", "--disable-usage-stats",
-             "--include-dashboard=false"],
+             *(["--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}"]
+               if self.dashboard else ["--include-dashboard=false"])],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         deadline = time.time() + timeout
