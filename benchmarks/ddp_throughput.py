@@ -5,17 +5,17 @@ Runs the engine's real path (Ray Tune trial -> Ray Train TorchTrainer -> DDP ran
 with a fixed per-worker batch (weak scaling) and fixed resources per worker. Throughput is
 what the ranks measure per epoch (JPEG decode + augmentation + forward/backward + gradient
 all-reduce), without Ray's start-up, from the second epoch on (the first warms up).
-Prints figures; asserts nothing about time.
+Every worker count runs `--repeats` times, interleaved (1, N, 1, N, ...); figures are
+median [min-max], the scaling a per-round ratio. Prints figures; asserts nothing about time.
 
     python benchmarks/ddp_throughput.py [--workers 2] [--model resnet18] [--image-size 64]
-        [--images 192] [--epochs 3] [--batch-per-worker 16] [--cpus-per-worker 1]
+        [--images 192] [--epochs 3] [--batch-per-worker 16] [--cpus-per-worker 1] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import ray
 import torch
+from common import hardware, ratio_verdict, summary
 from PIL import Image
 
 from qgen_ray.models import create_model
@@ -46,16 +47,6 @@ def synthetic_imagefolder(root: Path, images: int) -> Path:
             pixels = rng.integers(0, 256, (SOURCE_SIZE, SOURCE_SIZE, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(folder / f"{i}.JPEG", quality=90)
     return root
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def measure(args, workers: int, root: Path, weights: Path, tmp: Path) -> dict:
@@ -113,10 +104,12 @@ def main() -> None:
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--address", default=None, help="Ray cluster (default: a local Ray)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3 for a range)")
     args = p.parse_args()
 
     counts = sorted({1, args.workers})
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    runs: dict[int, list[dict]] = {w: [] for w in counts}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         root = synthetic_imagefolder(tmp / "data", args.images)
@@ -125,33 +118,34 @@ def main() -> None:
         init_ray(args.address)
         resources = ray.cluster_resources()
         load_before = os.getloadavg()[0]
-        rows = [measure(args, w, root, weights, tmp) for w in counts]
+        for r in range(args.repeats):
+            for w in counts:
+                runs[w].append(measure(args, w, root, weights, tmp / f"round-{r}"))
 
     kind = "GPU, NCCL, bf16 autocast + channels-last" if args.gpu else "CPU, gloo, fp32"
-    print(f"# DDP fine-tuning throughput via Ray Train ({kind}; device {rows[0]['device']})")
+    print(f"# DDP fine-tuning throughput via Ray Train ({kind}; device {runs[1][0]['device']})")
     print(
-        f"# host: {cpu_name()}, {os.cpu_count()} cores; Ray cluster CPUs "
-        f"{resources.get('CPU', 0):g}, GPUs {resources.get('GPU', 0):g}; load average "
-        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after (a shared machine is noisy)"
+        f"# host: {hardware()}; Ray cluster CPUs {resources.get('CPU', 0):g}, GPUs "
+        f"{resources.get('GPU', 0):g}; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (a shared machine is noisy)"
     )
-    print(f"# torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}")
     print(
         f"# {args.model} LSQ-4, {args.image_size}px RandomResizedCrop+flip from "
         f"{SOURCE_SIZE}px JPEGs, {args.images} train images, batch {args.batch_per_worker} "
         f"per worker, {args.cpus_per_worker:g} CPU per worker; median over epochs "
-        f"2..{args.epochs}"
+        f"2..{args.epochs}; {args.repeats} rounds interleaved, median [min-max]"
     )
-    base = rows[0]["images_per_s"]
-    print(
-        f"{'workers':>7} {'images/s':>9} {'per worker':>10} {'scaling':>8} "
-        f"{'efficiency':>10} {'train s':>8} {'run wall s':>10}"
-    )
-    for r in rows:
-        speedup = r["images_per_s"] / base
+    print(f"{'workers':>7}  {'images/s':<22} {'per worker':<22} {'run wall s':<22}")
+    for w in counts:
+        rates = [r["images_per_s"] for r in runs[w]]
+        per_worker = summary([x / w for x in rates], "{:.1f}")
+        walls = summary([r["wall"] for r in runs[w]], "{:.0f}")
+        print(f"{w:>7}  {summary(rates, '{:.1f}'):<22} {per_worker:<22} {walls:<22}")
+    for w in counts[1:]:
+        scaling = [a["images_per_s"] / b["images_per_s"] for a, b in zip(runs[w], runs[1])]
         print(
-            f"{r['workers']:>7} {r['images_per_s']:>9.1f} "
-            f"{r['images_per_s'] / r['workers']:>10.1f} {speedup:>7.2f}x "
-            f"{speedup / r['workers']:>10.0%} {r['train_seconds']:>8.1f} {r['wall']:>10.1f}"
+            f"scaling 1 -> {w} workers (per round): {summary(scaling, '{:.2f}x')}, efficiency "
+            f"{summary([x / w for x in scaling], '{:.0%}')}: {ratio_verdict(scaling)}"
         )
     ray.shutdown()
 

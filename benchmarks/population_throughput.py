@@ -29,11 +29,10 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import platform
-import statistics
 import time
 
 import torch
+from common import hardware, summary
 
 from qgen_ray.data.base import ImageData
 from qgen_ray.spec import RunOptions, TrainSpec
@@ -149,32 +148,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores"
-
-
 def nominal_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
-
-
-def summary(values: list[float], fmt: str = "{:.3g}") -> str:
-    if len(values) == 1:
-        return fmt.format(values[0])
-    low, mid, high = (fmt.format(f(values)) for f in (min, statistics.median, max))
-    return f"{mid} [{low}-{high}]"
 
 
 def main() -> None:
@@ -223,8 +201,7 @@ def main() -> None:
     chosen = [("bf16 autocast", args.amp == "bf16"), ("channels-last", args.channels_last),
               ("torch.compile", args.compile)]  # fmt: skip
     fast = ", ".join(name for name, on in chosen if on) or "eager fp32"
-    print(f"hardware: {hardware(device)}; torch {torch.__version__}, Python "
-          f"{platform.python_version()}; {steps} steps of {BATCH} images per model and epoch, "
+    print(f"hardware: {hardware(device)}; {steps} steps of {BATCH} images per model and epoch, "
           f"second epoch timed, {args.repeats} repeats interleaved; fused modes: {fast}",
           flush=True)  # fmt: skip
     peak_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float32

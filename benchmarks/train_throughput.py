@@ -1,38 +1,32 @@
 """Training throughput: the engine's loop vs a plain DataLoader + torchvision-transforms
-loop, same model, same data, one run; plus Ray Tune's per-trial overhead.
+loop, same model, same data; plus Ray Tune's per-trial overhead. Each measurement is
+repeated (`--repeats`, interleaved: every round runs every variant once) and printed as
+median [min-max]; a ratio whose range includes 1 is reported as no measurable gain.
 
 Prints figures; asserts nothing about time. Data: CIFAR-shaped random uint8 images
 (3x32x32, crop-4 + flip augmentation, as the CIFAR studies train), so no download.
 
     python benchmarks/train_throughput.py [--images 5000] [--epochs 2] [--trials 8]
+        [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms as T
+from common import hardware, ratio_verdict, summary
 from PIL import Image
 
 from qgen_ray.data.base import ImageData
 from qgen_ray.data.cifar import CIFAR10_MEAN, CIFAR10_STD
 from qgen_ray.spec import RunOptions, TrainSpec
 from qgen_ray.train import build_model, make_optimizer, train
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def cifar_shaped(n: int) -> ImageData:
@@ -83,8 +77,9 @@ def plain_epoch_seconds(spec: TrainSpec, data: ImageData, epochs: int, workers: 
     return min(times)
 
 
-def tune_overhead(trials: int) -> tuple[float, float]:
-    """(wall seconds of N one-epoch digits trials under Tune, same trials run directly)."""
+def tune_overhead(trials: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Wall seconds of N one-epoch digits trials under Tune (Ray already started), and of
+    the same trials run directly, one pair per round."""
     from qgen_ray.data import load_image_data
     from qgen_ray.ray.session import init_ray
     from qgen_ray.ray.tune_study import run_training
@@ -104,24 +99,26 @@ def tune_overhead(trials: int) -> tuple[float, float]:
         )
         for s in range(trials)
     ]
-    t0 = time.time()
-    for s in specs:
-        train(s, data)
-    direct = time.time() - t0
     init_ray(None)
-    with tempfile.TemporaryDirectory() as tmp:
-        store = StudyStore(os.path.join(tmp, "bench"))
+    tuned, direct = [], []
+    for _ in range(repeats):
         t0 = time.time()
-        run_training(
-            store,
-            [[(s, {})] for s in specs],
-            data,
-            RunOptions(device="cpu"),
-            1.0,
-            0.0,
-            progress=False,
-        )
-        tuned = time.time() - t0
+        for s in specs:
+            train(s, data)
+        direct.append(time.time() - t0)
+        with tempfile.TemporaryDirectory() as tmp:
+            store = StudyStore(os.path.join(tmp, "bench"))
+            t0 = time.time()
+            run_training(
+                store,
+                [[(s, {})] for s in specs],
+                data,
+                RunOptions(device="cpu"),
+                1.0,
+                0.0,
+                progress=False,
+            )
+            tuned.append(time.time() - t0)
     return tuned, direct
 
 
@@ -131,6 +128,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--model-width", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3 for a range)")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     data = cifar_shaped(args.images)
@@ -145,36 +143,42 @@ def main() -> None:
         batch_size=128,
         milestones=(1000,),
     )
-    print(
-        f"# hardware: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}"
-    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"# hardware: {hardware(device)}")
     print(
         f"# model: NiN depth 3 width {args.model_width}, LSQ int4; {args.images} CIFAR-shaped "
-        f"images, batch 128, crop-4 + flip; best of {args.epochs} epochs"
+        f"images, batch 128, crop-4 + flip; best of {args.epochs} epochs per run; "
+        f"{args.repeats} rounds, interleaved; median [min-max]"
     )
-    result = train(spec, data, options=RunOptions(device="auto"))
-    engine = min(h["seconds"] for h in result["history"])
-    rows = [("engine (in-memory uint8, batched augmentation)", engine)]
-    for workers in (0, 2):
-        rows.append(
-            (
-                f"DataLoader + torchvision transforms, {workers} workers",
-                plain_epoch_seconds(spec, data, args.epochs, workers),
-            )
-        )
-    for name, sec in rows:
-        print(f"{name:<52} {args.images / sec:8.0f} images/s  ({sec:.2f} s/epoch)")
-    best_plain = min(sec for _, sec in rows[1:])
-    print(f"speed-up of the engine over the best plain loop: {best_plain / engine:.2f}x")
-    tuned, direct = tune_overhead(args.trials)
-    concurrency = max(1, int(os.cpu_count() or 1))
-    overhead = (tuned - direct / concurrency) / (args.trials / concurrency)
+    names = [
+        "engine (in-memory uint8, batched augmentation)",
+        "DataLoader + torchvision transforms, 0 workers",
+        "DataLoader + torchvision transforms, 2 workers",
+    ]
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        result = train(spec, data, options=RunOptions(device="auto"))
+        seconds[names[0]].append(min(h["seconds"] for h in result["history"]))
+        for name, workers in zip(names[1:], (0, 2)):
+            seconds[name].append(plain_epoch_seconds(spec, data, args.epochs, workers))
+    for name in names:
+        rates = [args.images / sec for sec in seconds[name]]
+        print(f"{name:<52} {summary(rates, '{:.0f}')} images/s")
+    ratios = [
+        min(seconds[names[1]][r], seconds[names[2]][r]) / seconds[names[0]][r]
+        for r in range(args.repeats)
+    ]
     print(
-        f"Tune: {args.trials} one-epoch digits trials in {tuned:.1f} s "
-        f"(direct sequential {direct:.1f} s, {concurrency} concurrent) -> "
-        f"~{overhead:.1f} s overhead per trial slot incl. Ray start-up"
+        f"speed-up of the engine over the best plain loop (per round): "
+        f"{summary(ratios, '{:.2f}x')}: {ratio_verdict(ratios)}"
+    )
+    tuned, direct = tune_overhead(args.trials, args.repeats)
+    concurrency = max(1, int(os.cpu_count() or 1))
+    overhead = [(t - d / concurrency) / (args.trials / concurrency) for t, d in zip(tuned, direct)]
+    print(
+        f"Tune (Ray already started, not timed): {args.trials} one-epoch digits trials in "
+        f"{summary(tuned, '{:.1f}')} s (direct sequential {summary(direct, '{:.1f}')} s, "
+        f"{concurrency} concurrent) -> {summary(overhead, '{:.1f}')} s overhead per trial slot"
     )
 
 
