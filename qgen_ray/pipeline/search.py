@@ -223,8 +223,11 @@ class SearchStudy:
 
     @property
     def axes(self) -> list[str]:
-        return [k for k in ("optimizer", "lr", "weight_decay", "width", "depth")
-                if k in self.space or k in ("lr", "weight_decay")] + ["bits"]  # fmt: skip
+        """The hyperparameter columns a search varies: lr, weight decay and bits always
+        (every point samples them), the others when the space names them."""
+        always = ("lr", "weight_decay")
+        order = ("optimizer", "lr", "weight_decay", "width", "depth")
+        return [k for k in order if k in always or k in self.space] + ["bits"]
 
     def describe(self) -> dict:
         """The study.json record (`search` marks a search study for status and report)."""

@@ -121,10 +121,11 @@ class ProgressLine(tune.Callback):
     """One console line: done / failed / retried / running / ETA (the store has details).
 
     Every count is of models, not trials (a pack's trial holds several). A trial whose
-    code raised ends normally in Tune and is recorded `failed` in the store, so with
-    `store` each completion is classified from its models' result.json. A trial whose
-    process died is retried by Tune (`retried`) and its models count as failed only when
-    Tune gives up. `done` counts models that need no more training (ok or diverged).
+    code raised is recorded `failed` in the store and ends as ERROR once Tune's retries
+    (which only raise the recorded error again) are spent: `failed`, never `retried`. A
+    trial whose process died is retried by Tune (`retried`) and its models count as
+    failed only when Tune gives up. With `store`, each completion is classified from its
+    models' result.json. `done` counts models that need no more training (ok or diverged).
     """
 
     def __init__(self, study: str, total: int, already: int, store: StudyStore | None = None,

@@ -205,7 +205,6 @@ def train(
                 if options.validate_each_epoch:  # the held-out split (a search's validation)
                     held = dict(zip(("val_loss", "val_acc"), evaluate(
                         model, data.test_x, data.test_y, data.normalize)))  # fmt: skip
-                    model.train()
                 report({**row, **held, "best_epoch": record.best_epoch})
     except Diverged as err:
         status, reason = schema.STATUS_DIVERGED, str(err)
