@@ -31,12 +31,15 @@ class ModelEntry:
         number of classes loads everything except this module.
     origin: where a fitting weights file comes from, quoted in the mismatch error.
     pretrained: whether published (hub) weights exist for `pretrained=True`.
+    library: ("torchvision" | "timm", architecture name) for a library's model: its
+        published recipe (transforms) is the library's own (`imagenet.recipe`).
     """
 
     build: Builder
     head: str
     origin: str
     pretrained: bool = False
+    library: tuple[str, str] | None = None
 
     def options(self) -> dict[str, object]:
         """The model's own keyword options and their defaults (`pretrained` excluded)."""
@@ -52,12 +55,17 @@ MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(
-    name: str, *, head: str, origin: str | None = None, pretrained: bool = False
+    name: str,
+    *,
+    head: str,
+    origin: str | None = None,
+    pretrained: bool = False,
+    library: tuple[str, str] | None = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator: register `build` under `name` (see `ModelEntry` for the fields)."""
 
     def deco(build: Builder) -> Builder:
-        entry = ModelEntry(build, head, origin or f"qgen_ray's {name}", pretrained)
+        entry = ModelEntry(build, head, origin or f"qgen_ray's {name}", pretrained, library)
         MODELS.add(name, entry)
         return build
 

@@ -61,7 +61,8 @@ def _check_divisible(name: str, image_size: int, divisor: int, why: str) -> None
         )
 
 
-@register_model("deit_tiny", head="head", origin="timm's deit_tiny_patch16_224", pretrained=True)
+@register_model("deit_tiny", head="head", origin="timm's deit_tiny_patch16_224", pretrained=True,
+                library=("timm", "deit_tiny_patch16_224"))  # fmt: skip
 def deit_tiny(
     num_classes: int,
     in_channels: int,
@@ -83,7 +84,11 @@ def deit_tiny(
 
 
 @register_model(
-    "swin_tiny", head="head.fc", origin="timm's swin_tiny_patch4_window7_224", pretrained=True
+    "swin_tiny",
+    head="head.fc",
+    origin="timm's swin_tiny_patch4_window7_224",
+    pretrained=True,
+    library=("timm", "swin_tiny_patch4_window7_224"),
 )
 def swin_tiny(
     num_classes: int,

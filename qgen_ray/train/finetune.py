@@ -272,7 +272,9 @@ def finetune(
         "pin_memory": device.type == "cuda",
     }
     per_rank = spec.batch_size // world_size
-    train_set = image_folder(options.data_root, "train", spec.image_size, spec.augment)
+    train_set = image_folder(
+        options.data_root, "train", spec.image_size, spec.augment, model=spec.model
+    )
     if len(train_set) < world_size:
         raise UserError(
             f"{options.data_root}/train has {len(train_set)} images, fewer than the "
@@ -317,8 +319,8 @@ def finetune(
     if record.load_kept(run.model):
         metrics = _kept_model_metrics(
             run.model,
+            spec,
             options.data_root,
-            spec.image_size,
             per_rank * EVAL_BATCH_FACTOR,
             loader_args,
             device,
@@ -355,12 +357,12 @@ def _mean(values: list[float]) -> float:
 
 
 def _kept_model_metrics(
-    model: nn.Module, root: str, image_size: int, batch: int, loader_args: dict, device
+    model: nn.Module, spec: TrainSpec, root: str, batch: int, loader_args: dict, device
 ) -> dict:
-    """Train/val loss and accuracy of the kept model (eval transform), and both gaps."""
+    """Train/val loss and accuracy of the kept model (its eval transform), and both gaps."""
     splits = []
     for split in ("train", "val"):
-        data = image_folder(root, split, image_size, augment=False)
+        data = image_folder(root, split, spec.image_size, augment=False, model=spec.model)
         loader = make_loader(data, batch, train=False, seed=0, **loader_args)
         splits.append(evaluate_loader(model, loader, device))
     return kept_metrics(*splits)

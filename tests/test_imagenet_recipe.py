@@ -1,0 +1,64 @@
+"""The ImageNet recipe as the libraries define it (`qgen_ray.imagenet.recipe`): a library
+model's transforms are its library's own, checked against the libraries' outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+from PIL import Image
+
+from qgen_ray.imagenet.imagefolder import eval_transform, train_transform
+from qgen_ray.imagenet.recipe import model_transform
+
+
+@pytest.fixture
+def image() -> Image.Image:
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2"])
+def test_torchvision_eval_is_the_weights_own_transform(arch, image):
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    ours = model_transform(arch, 224, train=False)(image)
+    assert torch.equal(ours, weights.transforms()(image))
+    preset = weights.transforms()
+    small = model_transform(arch, 64, train=False)  # the crop at the study's size, the
+    assert small.crop_size == [64]  # resize scaled in the weights' own proportion
+    assert small.resize_size == [round(64 * preset.resize_size[0] / preset.crop_size[0])]
+    assert small(image).shape == (3, 64, 64)
+
+
+def test_torchvision_training_uses_the_weights_interpolation_and_normalization(image):
+    preset = torchvision.models.get_model_weights("resnet50").DEFAULT.transforms()
+    train = model_transform("resnet50", 224, train=True)
+    crop = train.transforms[0]
+    assert isinstance(crop, torchvision.transforms.RandomResizedCrop) and crop.size == (224, 224)
+    assert crop.interpolation == preset.interpolation
+    norm = train.transforms[-1]
+    assert list(norm.mean) == list(preset.mean) and list(norm.std) == list(preset.std)
+    torch.manual_seed(0)
+    assert train(image).shape == (3, 224, 224)
+
+
+@pytest.mark.parametrize("name, arch", [("deit_tiny", "deit_tiny_patch16_224"),
+                                        ("swin_tiny", "swin_tiny_patch4_window7_224")])  # fmt: skip
+def test_timm_transforms_are_timms_own(name, arch, image):
+    model = timm.create_model(arch, pretrained=False)
+    config = timm.data.resolve_model_data_config(model)
+    assert config["interpolation"] == "bicubic"
+    for train in (False, True):
+        ours = model_transform(name, 224, train=train)
+        theirs = timm.data.create_transform(**config, is_training=train)
+        assert repr(ours) == repr(theirs)  # the same pipeline, step by step
+    torch.manual_seed(0)
+    a = model_transform(name, 224, train=False)(image)
+    assert torch.equal(a, timm.data.create_transform(**config, is_training=False)(image))
+
+
+def test_models_trained_from_scratch_keep_the_standard_recipe():
+    assert repr(model_transform("nin", 32, train=False)) == repr(eval_transform(32))
+    assert repr(model_transform("nin", 32, train=True)) == repr(train_transform(32))
