@@ -62,3 +62,38 @@ def test_timm_transforms_are_timms_own(name, arch, image):
 def test_models_trained_from_scratch_keep_the_standard_recipe():
     assert repr(model_transform("nin", 32, train=False)) == repr(eval_transform(32))
     assert repr(model_transform("nin", 32, train=True)) == repr(train_transform(32))
+
+
+def test_vit_weight_decay_spares_what_timm_spares():
+    """The ViT optimizer's no-decay set is timm's own (norms, biases, pos_embed,
+    cls_token) plus the quantizers' steps, which timm's rule (1-d and 0-d parameters)
+    already spares; a CNN keeps decay on everything but its quantizer steps."""
+    from qgen_ray.spec import TrainSpec
+    from qgen_ray.train import build_model
+    from qgen_ray.train.loop import make_optimizer
+
+    spec = TrainSpec(dataset="imagenet", model="deit_tiny", method="vvtq", bits=4,
+                     optimizer="adamw", lr=5e-4, weight_decay=0.05, image_size=32)  # fmt: skip
+    model = build_model(spec, 10, 3, 32)
+    ours = make_optimizer(spec, model)
+    theirs = timm.optim.create_optimizer_v2(model, "adamw", lr=5e-4, weight_decay=0.05,
+                                            filter_bias_and_bn=True)  # fmt: skip
+
+    def spared(optimizer) -> set[int]:
+        return {
+            id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]
+        }
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert spared(ours) == spared(theirs)
+    assert {"pos_embed", "cls_token"} <= {names[i] for i in spared(ours)}
+    decayed = {names[id(p)] for g in ours.param_groups if g["weight_decay"] for p in g["params"]}
+    assert decayed and all(n.endswith("weight") and "norm" not in n for n in decayed)
+
+    cnn = TrainSpec(dataset="imagenet", model="resnet18", method="lsq", bits=4,
+                    weight_decay=1e-4, image_size=32)  # fmt: skip
+    resnet = build_model(cnn, 10, 3, 32)
+    spared_cnn = {
+        n for n, p in resnet.named_parameters() if id(p) in spared(make_optimizer(cnn, resnet))
+    }
+    assert spared_cnn and all(".bn" not in n and not n.endswith("bias") for n in spared_cnn)
