@@ -97,3 +97,27 @@ def test_vit_weight_decay_spares_what_timm_spares():
         n for n, p in resnet.named_parameters() if id(p) in spared(make_optimizer(cnn, resnet))
     }
     assert spared_cnn and all(".bn" not in n and not n.endswith("bias") for n in spared_cnn)
+
+
+def test_vit_weights_from_a_local_file_load_through_timm(tmp_path):
+    """A 224-pixel, 1000-class timm state dict into a 10-class DeiT at 32 px: the blocks
+    load, the position embedding is resampled to 2x2 + 1 tokens, the head is fresh. A
+    state dict of another architecture is one line naming the file."""
+    from qgen_ray.errors import UserError
+    from qgen_ray.models import create_model
+
+    source = timm.create_model("deit_tiny_patch16_224", pretrained=False)
+    path = tmp_path / "deit.pt"
+    torch.save(source.state_dict(), path)
+    model = create_model("deit_tiny", 10, 3, 32, weights=path)
+    assert model.pos_embed.shape == (1, 5, 192) and model.head.weight.shape == (10, 192)
+    assert torch.equal(model.blocks[3].mlp.fc1.weight, source.blocks[3].mlp.fc1.weight)
+    grid = source.pos_embed[:, 1:].reshape(1, 14, 14, 192).permute(0, 3, 1, 2)
+    resampled = torch.nn.functional.interpolate(grid, size=(2, 2), mode="bicubic",
+                                                antialias=True)  # fmt: skip
+    assert torch.allclose(model.pos_embed[:, 1:], resampled.flatten(2).transpose(1, 2), atol=1e-5)
+
+    other = tmp_path / "small.pt"
+    torch.save(timm.create_model("deit_small_patch16_224", pretrained=False).state_dict(), other)
+    with pytest.raises(UserError, match=f"weights file {other} does not fit deit_tiny"):
+        create_model("deit_tiny", 10, 3, 32, weights=other)
