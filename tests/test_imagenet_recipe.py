@@ -121,3 +121,44 @@ def test_vit_weights_from_a_local_file_load_through_timm(tmp_path):
     torch.save(timm.create_model("deit_small_patch16_224", pretrained=False).state_dict(), other)
     with pytest.raises(UserError, match=f"weights file {other} does not fit deit_tiny"):
         create_model("deit_tiny", 10, 3, 32, weights=other)
+
+
+def test_distillation_is_kl_to_a_frozen_teacher():
+    """VVTQ's online distillation: the extra term is KL(teacher || student) of the
+    softmaxes, the teacher never changes, and the student's step moves with it."""
+    from dataclasses import replace
+
+    from qgen_ray.errors import UserError
+    from qgen_ray.spec import TrainSpec
+    from qgen_ray.train import build_model
+    from qgen_ray.train.finetune import distillation_loss, train_epoch
+    from qgen_ray.train.loop import make_optimizer
+
+    s, t = torch.randn(6, 10), torch.randn(6, 10)
+    p, q = t.softmax(1), s.softmax(1)
+    assert torch.allclose(distillation_loss(s, t), (p * (p.log() - q.log())).sum(1).mean())
+    assert distillation_loss(t, t) == 0
+
+    spec = TrainSpec(dataset="imagenet", model="deit_tiny", method="vvtq", bits=4,
+                     optimizer="adamw", lr=1e-3, weight_decay=0.05, image_size=32,
+                     epochs=2, lr_schedule="cosine")  # fmt: skip
+    assert replace(spec, distill=True).model_id != spec.model_id  # part of the identity
+    with pytest.raises(UserError, match="FP32 model has no teacher"):
+        TrainSpec(dataset="imagenet", model="deit_tiny", image_size=32, distill=True)
+    torch.manual_seed(0)
+    teacher = build_model(replace(spec, method="fp32", bits=32), 10, 3, 32).eval()
+    teacher.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
+    batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)), torch.arange(4))]
+    after = {}
+    for with_teacher in (False, True):
+        torch.manual_seed(1)
+        student = build_model(spec, 10, 3, 32)
+        optimizer = make_optimizer(spec, student)
+        stats = train_epoch(student, batch, optimizer, torch.device("cpu"), 1, 2,
+                            teacher=teacher if with_teacher else None)  # fmt: skip
+        after[with_teacher] = (stats["loss_sum"], student.head.weight.detach().clone())
+    assert after[False][0] == pytest.approx(after[True][0])  # the loss reported: CE alone
+    assert not torch.equal(after[False][1], after[True][1])  # the step: CE + KL
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in frozen.items())
+    assert all(p.grad is None for p in teacher.parameters())
