@@ -89,12 +89,15 @@ def search_trial(config: dict, data: ImageData, study: SearchStudy, store_uri: s
         for column in ("test_loss", "test_acc", "gap_loss", "gap_acc"):
             result[column] = math.nan
     except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
-        trial.write_result({**failed_result(spec, err), **tag, "val_fraction": spec.val_fraction,
-                            **placement(), "run_id": run_id})  # fmt: skip
+        trial.write_result({**failed_result(spec, err), **_row_columns(tag, spec, run_id)})
         raise
-    trial.write_result({**result, **tag, "val_fraction": spec.val_fraction, **placement(),
-                        "run_id": run_id})  # fmt: skip
+    trial.write_result({**result, **_row_columns(tag, spec, run_id)})
     _report_final({**result, **tag}, spec.model_id)
+
+
+def _row_columns(tag: dict, spec, run_id: str) -> dict:
+    """The columns a search adds to a model's row, ok or failed."""
+    return {**tag, "val_fraction": spec.val_fraction, **placement(run_id)}
 
 
 class StoppedRows(tune.Callback):

@@ -101,20 +101,21 @@ def run_trial(config: dict, data: ImageData) -> None:
             results = train_pack(specs, data, trials, options, report=_report_member)
     except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
         results, failure = [failed_result(spec, err) for spec in specs], err
-    placed = {**placement(), "run_id": config["run_id"]}
+    placed = placement(config["run_id"])
     for result, trial, extra in zip(results, trials, config["extras"], strict=True):
         trial.write_result({**result, **extra, **placed})
     if failure is not None:
         raise failure  # ERROR in Tune's results, with the error
 
 
-def placement() -> dict:
-    """Where Ray ran this trial: its node and its share of a GPU."""
+def placement(run_id: str) -> dict:
+    """Where Ray ran this trial (`schema.PLACEMENT_COLUMNS`): its node, its share of a
+    GPU and the Tune run it belongs to."""
     import ray
 
     context = ray.get_runtime_context()
     share = context.get_assigned_resources().get("GPU", 0.0)
-    return {"node_id": context.get_node_id(), "gpu_share": float(share)}
+    return {"node_id": context.get_node_id(), "gpu_share": float(share), "run_id": run_id}
 
 
 class ProgressLine(tune.Callback):
