@@ -4,9 +4,11 @@ CNNs (ResNet-18, ResNet-50, MobileNetV2) start from torchvision's pretrained wei
 train with LSQ (first and last layer at 8 bits): SGD lr 0.01, momentum 0.9, weight decay
 1e-4, 120 epochs, lr x0.1 at 30/60/90. ViTs (DeiT-T, Swin-T) start from timm's weights
 and follow VVTQ: AdamW lr 5e-4 with a cosine schedule, 120 epochs (our choice: the CNNs'
-budget), weight decay 0.05 (DeiT's), no distillation. Global batch 256 (torchvision's
-recipe), split over the DDP workers. Every run is one Ray Train DDP run; a Tune grid over
-models x precisions drives them, several at once when the cluster holds them.
+budget), weight decay 0.05 (DeiT's), no distillation unless --distill. Global batch 256
+(torchvision's recipe), split over the DDP workers. Every run is one Ray Train DDP run; a
+Tune grid over models x precisions drives them, several at once when the cluster holds
+them. Then the fast sharpness / PAC-Bayes measures of every model (Table 3's ImageNet
+rows), read from the training ImageFolder, and the report.
 
     python studies/imagenet_finetune.py --data-root /data/imagenet --workers 8 \\
         --weights resnet18=resnet18-f37072fd.pth resnet50=... [--pretrained-from-hub]
@@ -21,6 +23,7 @@ CNNS = imagenet_cnns(
     "imagenet_finetune",
     description="ImageNet fine-tuning of pretrained CNNs (LSQ) and ViTs (VVTQ) at four "
     "precisions with Ray Train DDP.",
+    stages=("train", "measure", "report"),
 )
 
 VITS = Study(
@@ -41,6 +44,7 @@ VITS = Study(
     smoke_grid={"model": ["deit_tiny"]},
     smoke_protocol=IMAGENET_SMOKE_PROTOCOL,
     smoke_precisions=(("vvtq", 4),),
+    stages=("train", "measure", "report"),
 )
 
 STUDIES = (CNNS, VITS)

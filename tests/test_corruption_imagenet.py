@@ -12,21 +12,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from qgen_ray import cli, schema
-from qgen_ray.data.corruptions import corrupt_images
-from qgen_ray.imagenet.imagefolder import eval_transform
+from qgen_ray.imagenet.recipe import model_transform
 from qgen_ray.loaders import load_model
 from qgen_ray.pipeline.collect import collect
 from qgen_ray.pipeline.followups import Placement, corrupt_study
 from qgen_ray.store import StudyStore
 from qgen_ray.train.finetune import FinetuneOptions, finetune
-from tests.support.fixtures import load_script, save_weights, write_imagefolder
+from tests.support.fixtures import (
+    load_script,
+    save_weights,
+    write_imagefolder,
+    write_imagenet_c,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +43,6 @@ SETS = {
     ("brightness", 5): CLASSES[1:],
     ("contrast", 1): CLASSES,
 }
-
-
-def write_imagenet_c(root: Path, clean_val: Path) -> Path:
-    """`<root>/<corruption>/<severity>/<wnid>/*.JPEG` from the clean val images."""
-    for (corruption, severity), wnids in SETS.items():
-        for wnid in wnids:
-            files = sorted((clean_val / wnid).glob("*.JPEG"))
-            images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
-            out = root / corruption / str(severity) / wnid
-            out.mkdir(parents=True)
-            for f, image in zip(files, corrupt_images(images, corruption, severity, seed=0)):
-                Image.fromarray(image).save(out / f.name, quality=90)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +63,7 @@ def study(tmp_path_factory):
     yield {
         "store": store,
         "data": data,
-        "c": write_imagenet_c(tmp / "imagenet-c", data / "val"),
+        "c": write_imagenet_c(tmp / "imagenet-c", data / "val", SETS),
         "storage": tmp / "storage",
         "ids": [s.model_id for s in specs],
     }
@@ -112,7 +102,9 @@ def test_rows_gap_and_labels_through_the_clean_classes(study):
     # brightness 5 holds only class 1: recompute one model's loss image by image
     model_id = study["ids"][1]
     model = load_model(store.root, model_id)
-    transform = eval_transform(int(trials.loc[model_id, "image_size"]))
+    transform = model_transform(
+        trials.loc[model_id, "model"], int(trials.loc[model_id, "image_size"]), train=False
+    )
     files = sorted((study["c"] / "brightness" / "5" / CLASSES[1]).glob("*.JPEG"))
     x = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
     with torch.no_grad():

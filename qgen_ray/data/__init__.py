@@ -1,5 +1,6 @@
 """Datasets by name. In-memory datasets (digits, CIFAR) load as `ImageData`; ImageNet
-(too big for memory) is read from an ImageFolder by the DDP fine-tuning study.
+(too big for memory) is read from an ImageFolder (`qgen_ray.imagenet`) by the DDP
+fine-tuning and the follow-up stages.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ def load_imagenet(root: str | None = None, download: bool = False) -> ImageData:
     from qgen_ray.errors import UserError
 
     raise UserError(
-        "imagenet is read from an ImageFolder by studies/imagenet_finetune.py (Ray Train "
-        "DDP), not loaded into memory; this stage does not support it"
+        "imagenet is read from an ImageFolder on disk (studies/imagenet_finetune.py, Ray "
+        "Train DDP, and the follow-up stages), never loaded into memory; train it with "
+        "studies/imagenet_finetune.py"
     )
 
 

@@ -5,6 +5,8 @@
         [--log-samples] + every flag of qgen_ray.pipeline.study_cli (--storage, --smoke, ...)
     python studies/corruption_imagenet.py ... --corrupt-root IMAGENET-C
         [--corruptions NAME ...] [--severities N ...]    (stages train corrupt report)
+    --stages train measure corrupt landscape report: the follow-up stages read the
+        ImageFolder of --data-root (or the one study.json recorded) from disk
 
 Everything a user can get wrong (the ImageFolder, the weights, the flags) is checked on
 the driver before Ray starts, each as one line with exit status 2. A re-run skips the
@@ -20,10 +22,9 @@ from pathlib import Path
 from qgen_ray.errors import UserError, exit_on_user_error
 from qgen_ray.imagenet.imagenet_c import check_imagenet_c, require_corrupt_root
 from qgen_ray.pipeline import study_cli
-from qgen_ray.pipeline.study import Study
+from qgen_ray.pipeline.study import STAGES, Study
 from qgen_ray.spec import TrainSpec
 
-DDP_STAGES = ("train", "corrupt", "report")  # measures / landscapes need in-memory data
 CPUS_PER_GPU_WORKER = 8  # default CPUs of a GPU worker (JPEG decoding keeps a GPU fed)
 CPUS_PER_CPU_WORKER = 1  # default CPUs of a CPU-only worker
 
@@ -37,7 +38,7 @@ def parser(studies: tuple[Study, ...]) -> argparse.ArgumentParser:
         "gpus_per_trial": "GPUs of one Train run, split evenly over its --workers (default: "
         "1 per worker when the cluster has GPUs, else 0)",
         "data_root": "folder holding the train/ and val/ ImageFolders (one folder per class)",
-        "stages": f"what to run: {' '.join(DDP_STAGES)} (default {' '.join(studies[0].stages)})",
+        "stages": f"what to run: {' '.join(STAGES)} (default {' '.join(studies[0].stages)})",
         "corrupt_root": "the published ImageNet-C folder, <corruption>/<severity>/<wnid>/"
         "*.JPEG (required by the corrupt stage)",
     }
@@ -230,10 +231,8 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     if args.download:
         raise UserError("ImageNet cannot be downloaded here; put it under --data-root yourself")
     stages = args.stages or list(studies[0].stages)
-    if unknown := [s for s in stages if s not in DDP_STAGES]:
-        raise UserError(
-            f"stage {unknown[0]} does not run on ImageNet; choose from {', '.join(DDP_STAGES)}"
-        )
+    if unknown := [s for s in stages if s not in STAGES]:
+        raise UserError(f"unknown stage {unknown[0]}; choose from {', '.join(STAGES)}")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     for flag in ("cpus_per_trial", "gpus_per_trial"):
@@ -260,11 +259,14 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
     outputs: dict[str, str] = {}
     with store.claimed(f"studies/{name}.py"):  # one writing run per study folder
         if "train" in stages:
-            study_cli.write_study_record(store, describe(studies, name, plan))
+            root = study_cli.data_root_for(store, args.data_root)  # follow-ups find it
+            study_cli.write_study_record(store, describe(studies, name, plan), root)
             _finetune(store, name, plan, weights, trackers, args)
             outputs["trials"] = study_cli.collect_trials(store, name)
-        if "corrupt" in stages:
-            outputs["corrupt"] = run_corrupt(store, args, corrupt)
+        for stage in ("measure", "corrupt", "landscape"):
+            if stage in stages:
+                options = corrupt if stage == "corrupt" else studies[0].stage_options.get(stage, {})
+                outputs[stage] = run_followup(stage, store, args, options)
         if "report" in stages:
             from qgen_ray.pipeline import followups as stage_impl
 
@@ -322,10 +324,11 @@ def corrupt_options(study: Study, args: argparse.Namespace) -> dict:
     return {"corruptions": corruptions, "severities": severities, "sets": sets}
 
 
-def run_corrupt(store, args: argparse.Namespace, options: dict) -> str:
-    """ImageNet-C evaluation of the study's models: one worker actor holds the CPUs and
-    GPUs of one DDP worker (`resources`), several actors evaluate models side by side."""
-    from qgen_ray.pipeline.followups import Placement, corrupt_study
+def run_followup(stage: str, store, args: argparse.Namespace, options: dict) -> str:
+    """A follow-up stage (measure, corrupt, landscape) of the study's models: one worker
+    actor holds the CPUs and GPUs of one DDP worker (`resources`), several actors work on
+    models side by side; images are read from the ImageFolder (and ImageNet-C)."""
+    from qgen_ray.pipeline.followups import STAGE_FUNCTIONS, Placement
     from qgen_ray.ray.session import init_ray
 
     init_ray(args.address)
@@ -337,13 +340,10 @@ def run_corrupt(store, args: argparse.Namespace, options: dict) -> str:
         address=args.address,
         device=args.device,
     )
-    return corrupt_study(
-        store,
-        corruptions=options["corruptions"],
-        severities=options["severities"],
-        corrupt_root=args.corrupt_root,
-        place=place,
-    )
+    if stage == "corrupt":
+        options = {"corruptions": options["corruptions"], "severities": options["severities"],
+                   "corrupt_root": args.corrupt_root}  # fmt: skip
+    return STAGE_FUNCTIONS[stage](store, **options, place=place)
 
 
 def main(studies: tuple[Study, ...], argv: list[str] | None = None) -> dict:

@@ -3,7 +3,7 @@
 The corrupt stage of an ImageNet study (`qgen corrupt <study> --corrupt-root IMAGENET-C
 --data-root IMAGENET`, or `--stages corrupt` of an ImageNet study script) evaluates every
 model on the published ImageNet-C, `<corrupt-root>/<corruption>/<severity>/<wnid>/*.JPEG`,
-through the evaluation transform (Resize + CenterCrop) at the model's own image size.
+through the evaluation transform of the model's recipe at its own image size.
 Labels follow the clean validation split's class folders (torchvision's sorted order, as
 in training), so an ImageNet-C folder lacking some classes still lines up with the
 model's outputs. Generating 50,000-image sets on the fly is out of scope for ImageNet:
@@ -24,7 +24,7 @@ from torch import nn
 
 from qgen_ray.data.corruption_readers import IMAGENET_C_URL, read_imagenet_c
 from qgen_ray.errors import UserError
-from qgen_ray.imagenet.imagefolder import check_imagefolder, eval_transform, make_loader
+from qgen_ray.imagenet.imagefolder import check_imagefolder, make_loader
 from qgen_ray.train.finetune import evaluate_loader, fast_path
 
 CORRUPT_BATCH = 128  # images per forward pass of the evaluation (memory only, not results)
@@ -86,6 +86,7 @@ def evaluate_imagenet_c(
     corruption: str,
     severity: int,
     class_to_idx: dict[str, int],
+    model_name: str,
     image_size: int,
     device: torch.device,
     *,
@@ -93,9 +94,16 @@ def evaluate_imagenet_c(
     batch_size: int = CORRUPT_BATCH,
 ) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of `model` (eval mode, on `device`) on one
-    ImageNet-C set, every image once."""
+    ImageNet-C set, every image once, through the evaluation transform of `model_name`'s
+    recipe at `image_size` (`imagenet.recipe`, the transform its clean loss was taken with)."""
+    from qgen_ray.imagenet.recipe import model_transform
+
     data = read_imagenet_c(
-        corrupt_root, corruption, int(severity), class_to_idx, eval_transform(image_size)
+        corrupt_root,
+        corruption,
+        int(severity),
+        class_to_idx,
+        model_transform(model_name, image_size, train=False),
     )
     loader = make_loader(
         data,

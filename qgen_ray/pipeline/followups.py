@@ -22,8 +22,12 @@ from qgen_ray.loaders import load_trials
 from qgen_ray.store import StudyStore
 
 DEFAULT_MEASURE_MODE = "fast"
-FOLDER_DATASETS = ("imagenet",)  # read from ImageFolders on disk (qgen_ray.ddp), not memory
+FOLDER_DATASETS = ("imagenet",)  # read from ImageFolders on disk (qgen_ray.imagenet), not memory
 MEASURE_SEED = 0  # noise / restarts seed of the sigma searches
+# A landscape of an ImageFolder study is evaluated on this many training images (seeded):
+# its 51 x 51 grid reads them 2,601 times, so they are decoded once and kept in memory
+# (0.6 GB at 224 px); the in-memory datasets use their whole training set.
+LANDSCAPE_FOLDER_IMAGES = 1000
 
 
 def ok_trials(store: StudyStore) -> pd.DataFrame:
@@ -117,6 +121,30 @@ def _fan(
     return errors
 
 
+def folder_source(store: StudyStore, place: Placement, trials: pd.DataFrame) -> dict | None:
+    """How the jobs read an ImageFolder study's training images ({"root", "threads"};
+    see `jobs.training_images`), once its root is checked against the models' class
+    count (one line when wrong); None for in-memory datasets."""
+    if _dataset(trials) not in FOLDER_DATASETS:
+        return None
+    from qgen_ray.imagenet.imagenet_c import clean_class_index
+
+    root = data_root(store, place)
+    clean_class_index(root, {int(n) for n in trials["num_classes"]})
+    return {"root": str(Path(root).expanduser().resolve()),
+            "threads": max(1, int(place.cpus_per_task))}  # fmt: skip
+
+
+def _items(trials: pd.DataFrame, models: list[str], folder: dict | None) -> list[dict]:
+    """The fan-out items of `models`: their ids, and for a folder study the model and
+    image size its transform needs."""
+    if folder is None:
+        return [{"model_id": m} for m in models]
+    rows = trials.set_index("model_id").loc[models, ["model", "image_size"]]
+    return [{"model_id": m, "model": r.model, "image_size": int(r.image_size)}
+            for m, r in rows.iterrows()]  # fmt: skip
+
+
 def measure_todo(done: pd.DataFrame, models: list[str], names: list[str], mode: str) -> list[str]:
     """The models still to measure: a stored row counts only when it was computed in the
     mode asked for (a search-free measure, mode "exact", counts in both)."""
@@ -141,6 +169,7 @@ def measure_study(
     if mode not in PROTOCOLS:
         raise UserError(f"unknown measure mode {mode!r}; valid: {', '.join(PROTOCOLS)}")
     trials = ok_trials(store)
+    folder = folder_source(store, place, trials)
     done = store.read_table(schema.MEASURES)
     if done is None:
         done = pd.DataFrame(columns=schema.MEASURES_COLUMNS)
@@ -159,10 +188,11 @@ def measure_study(
             place,
             trials,
             "measure",
-            [{"model_id": m} for m in todo],
+            _items(trials, todo, folder),
+            in_memory=folder is None,
             table=schema.MEASURES,
             key=["model_id", "measure"],
-            kwargs={"names": names, "mode": mode, "seed": MEASURE_SEED},
+            kwargs={"names": names, "mode": mode, "seed": MEASURE_SEED, "folder": folder},
         )
     return store.path(schema.MEASURES)
 
@@ -252,7 +282,7 @@ def _corrupt_imagenet(
     )
     if not len(todo):
         return
-    items = todo[["model_id", "train_loss", "image_size"]].to_dict("records")
+    items = todo[["model_id", "train_loss", "model", "image_size"]].to_dict("records")
     _fan(
         store,
         place,
@@ -301,10 +331,15 @@ def landscape_study(
         raise UserError(
             f"unknown or unfinished model id {unknown[0]}; see `qgen status {store.uri}`"
         )
+    folder = folder_source(store, place, trials)
+    images = None if folder is None else LANDSCAPE_FOLDER_IMAGES
     done = store.read_table(schema.LANDSCAPES)
     have = set() if done is None else _same_grid(done, steps, span)
     todo = [m for m in chosen if m not in have]
-    print(f"[landscape] {len(chosen)} models, {len(todo)} to compute ({steps}x{steps} grid)")
+    print(
+        f"[landscape] {len(chosen)} models, {len(todo)} to compute ({steps}x{steps} grid"
+        + (f", on {images} training images drawn at random)" if images else ")")
+    )
     stale = [] if done is None else sorted(set(todo) & set(done["model_id"]))
     if stale:  # another grid of these models: replaced, never mixed with the new one
         print(f"[landscape] {len(stale)} models have another grid; it is replaced", flush=True)
@@ -315,10 +350,17 @@ def landscape_study(
             place,
             trials,
             "landscape",
-            [{"model_id": m} for m in todo],
+            _items(trials, todo, folder),
+            in_memory=folder is None,
             table=schema.LANDSCAPES,
             key=["model_id", "x", "y"],
-            kwargs={"steps": steps, "span": span, "seed": MEASURE_SEED},
+            kwargs={
+                "steps": steps,
+                "span": span,
+                "seed": MEASURE_SEED,
+                "folder": folder,
+                "images": images,
+            },  # fmt: skip
         )
     return store.path(schema.LANDSCAPES)
 

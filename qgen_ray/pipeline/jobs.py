@@ -38,31 +38,83 @@ def _plain_model(store: StudyStore, model_id: str, which: str, device: torch.dev
 @JOBS.register("measure")
 def measure_one(
     store: StudyStore,
-    data: ImageData,
+    data: ImageData | None,
     item: dict,
     device: str,
     *,
     names: list[str],
     mode: str,
     seed: int,
+    folder: dict | None = None,
 ) -> list[dict]:
-    """Sharpness / PAC-Bayes measures of one model on its full training set."""
+    """Sharpness / PAC-Bayes measures of one model on its full training set (read from
+    disk for an ImageFolder study: `folder`, see `training_images`)."""
     from qgen_ray.measures import compute_measures
 
     dev = resolve_device(device)
-    model, init, x, y = measure_inputs(store, data, item["model_id"], dev)
+    model, init, x, y = measure_inputs(store, data, item["model_id"], dev, item, folder)
     rows = compute_measures(model, init, x, y, names=names, mode=mode, seed=seed, device=dev)
     return [{"model_id": item["model_id"], **r} for r in rows]
 
 
 def measure_inputs(
-    store: StudyStore, data: ImageData, model_id: str, device: torch.device
-) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    store: StudyStore,
+    data: ImageData | None,
+    model_id: str,
+    device: torch.device,
+    item: dict | None = None,
+    folder: dict | None = None,
+):
     """What the measures of one model read: its trained and initial models as plain
     functions, and the normalized training set (no augmentation)."""
     model = _plain_model(store, model_id, "final", device)
     init = _plain_model(store, model_id, "init", device)
-    return model, init, data.normalize(data.train_x.to(device)), data.train_y.to(device)
+    return model, init, *training_images(data, item, device, folder)
+
+
+def training_images(
+    data: ImageData | None,
+    item: dict | None,
+    device: torch.device,
+    folder: dict | None = None,
+    images: int | None = None,
+    seed: int = 0,
+):
+    """(x, y): the training set as the model is evaluated on it, normalized.
+
+    In-memory datasets: the whole set as one tensor on `device`. An ImageFolder study
+    (`data` None, `folder` = {"root", "threads"}, `item` with the model's "model" and
+    "image_size"): its train/ split read lazily through the model's evaluation transform
+    (`FolderImages`: only the images the caller indexes are decoded). `images`: a seeded
+    random subset of that many (None: all)."""
+    if folder is None:
+        x, y = data.train_x, data.train_y
+        keep = _subset(len(y), images, seed)
+        if keep is not None:
+            x, y = x[keep], y[keep]
+        return data.normalize(x.to(device)), y.to(device)
+    from torch.utils.data import Subset
+
+    from qgen_ray.imagenet.folder_images import CACHE_IMAGES, FolderImages, folder_labels
+    from qgen_ray.imagenet.imagefolder import image_folder
+
+    dataset = image_folder(
+        folder["root"], "train", int(item["image_size"]), augment=False, model=item["model"]
+    )
+    y = folder_labels(dataset)
+    keep = _subset(len(y), images, seed)
+    if keep is not None:  # a subset is read over and over (a landscape): keep all of it
+        dataset, y = Subset(dataset, keep.tolist()), y[keep]
+    cache = CACHE_IMAGES if keep is None else len(keep)
+    x = FolderImages(dataset, device, threads=folder["threads"], cache_images=cache)
+    return x, y.to(device)
+
+
+def _subset(n: int, images: int | None, seed: int) -> torch.Tensor | None:
+    """A seeded random choice of `images` of n indices (None: all of them)."""
+    if images is None or images >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:images]
 
 
 def corruption_cache(store: StudyStore) -> Path:
@@ -154,7 +206,7 @@ def corrupt_imagenet_one(
     num_workers: int,
 ) -> list[dict]:
     """`corrupt` for an ImageNet model: every ImageNet-C set in `sets`, read from disk
-    (`data` is None) through the eval transform at the model's `image_size`."""
+    (`data` is None) through its recipe's eval transform at its `image_size`."""
     from qgen_ray.imagenet.imagenet_c import evaluate_imagenet_c
 
     dev = resolve_device(device)
@@ -171,6 +223,7 @@ def corrupt_imagenet_one(
                 corruption,
                 severity,
                 class_to_idx,
+                item["model"],
                 size,
                 dev,
                 num_workers=num_workers,
@@ -183,20 +236,23 @@ def corrupt_imagenet_one(
 @JOBS.register("landscape")
 def landscape_one(
     store: StudyStore,
-    data: ImageData,
+    data: ImageData | None,
     item: dict,
     device: str,
     *,
     steps: int,
     span: float,
     seed: int,
+    folder: dict | None = None,
+    images: int | None = None,
 ) -> list[dict]:
-    """Filter-normalized 2-D loss surface of one model on its training set (docs/method.md §5)."""
+    """Filter-normalized 2-D loss surface of one model on its training set, or on a
+    seeded subset of `images` of it (docs/method.md §5)."""
     from qgen_ray.measures import loss_landscape
 
     dev = resolve_device(device)
     model = _plain_model(store, item["model_id"], "final", dev)
-    x, y = data.normalize(data.train_x.to(dev)), data.train_y.to(dev)
+    x, y = training_images(data, item, dev, folder, images=images, seed=seed)
     surface = loss_landscape(model, x, y, steps=steps, span=span, seed=seed)
     surface.insert(0, "model_id", item["model_id"])
     return surface.to_dict("records")

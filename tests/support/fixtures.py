@@ -5,6 +5,7 @@ TEST_SEED / _THREADS  what statistical tests shift their seeds by / torch's thre
 load_script(name)     the module of studies/<name>.py, not run
 write_cifar_fixture   a CIFAR-10/100 folder in torchvision's pickle layout
 write_imagefolder     an ImageNet-style train/ + val/ ImageFolder of JPEGs
+write_imagenet_c      an ImageNet-C folder made from an ImageFolder's val/ images
 save_weights          a zoo model's state dict, saved as a "pretrained" file
 """
 
@@ -80,6 +81,22 @@ def write_imagefolder(
                 base[..., c % 3] = 200
                 pixels = np.clip(base + rng.normal(0, 30, base.shape), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"img{i}.JPEG", quality=90)
+    return root
+
+
+def write_imagenet_c(root: Path, clean_val: Path, sets: dict) -> Path:
+    """`<root>/<corruption>/<severity>/<wnid>/*.JPEG`, made from the clean val images by the
+    real corruption code; `sets` maps (corruption, severity) to the wnids to write."""
+    from qgen_ray.data.corruptions import corrupt_images
+
+    for (corruption, severity), wnids in sets.items():
+        for wnid in wnids:
+            files = sorted((clean_val / wnid).glob("*.JPEG"))
+            images = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+            out = root / corruption / str(severity) / wnid
+            out.mkdir(parents=True)
+            for f, image in zip(files, corrupt_images(images, corruption, severity, seed=0)):
+                Image.fromarray(image).save(out / f.name, quality=90)
     return root
 
 
