@@ -19,7 +19,12 @@ LR_SCHEDULES = ("multistep", "cosine")  # see qgen_ray.train.loop.make_scheduler
 
 # Fields added after the first studies were run: hashed into `model_id` only when set away
 # from this default, so every id computed before they existed stays valid.
-LATE_FIELD_DEFAULTS = {"lr_schedule": "multistep", "image_size": None, "val_fraction": None}
+LATE_FIELD_DEFAULTS = {
+    "lr_schedule": "multistep",
+    "image_size": None,
+    "val_fraction": None,
+    "distill": False,
+}
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,8 @@ class TrainSpec:
     # crops); None = the dataset's own size (digits, CIFAR)
     val_fraction: float | None = None  # search studies: this share of the training set,
     # stratified and seeded by `seed`, is held out as the validation split (never trained on)
+    distill: bool = False  # fine-tuning: online knowledge distillation from the frozen FP32
+    # model of the same starting weights (VVTQ's cheap substitute for multi-crop soft labels)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -68,6 +75,8 @@ class TrainSpec:
             )
         if self.image_size is not None and self.image_size < 1:
             raise UserError(f"image_size must be a positive pixel count, got {self.image_size}")
+        if self.distill and self.method == "fp32":
+            raise UserError("distill=True teaches a quantized model; an FP32 model has no teacher")
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:
             raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -97,6 +97,13 @@ def parser(studies: tuple[Study, ...]) -> argparse.ArgumentParser:
         help="write the image indices each rank trained on per epoch to "
         "trials/<id>/samples/ (checks that the shards are disjoint)",
     )
+    p.add_argument(
+        "--distill",
+        action="store_true",
+        help="quantized ViTs (VVTQ) also learn from the frozen FP32 model of their starting "
+        "weights (online distillation, KL to its softmax; off for the paper's Table 1 rows); "
+        "part of the model id",
+    )
     return p
 
 
@@ -163,6 +170,8 @@ def plan_studies(studies: tuple[Study, ...], args: argparse.Namespace) -> tuple[
         )
     name = f"{studies[0].name}-smoke" if args.smoke else studies[0].name
     plan = [item for s in studies for item in s.plan()]
+    if args.distill:  # the VVTQ recipe's teacher, for its quantized models
+        plan = [(replace(spec, distill=spec.method == "vvtq"), extra) for spec, extra in plan]
     if args.models:
         plan = [(spec, extra) for spec, extra in plan if spec.model in args.models]
     if not plan:

@@ -113,9 +113,17 @@ class IndexedImageFolder(ImageFolder):
         return image, label, index
 
 
-def image_folder(root: str | Path, split: str, image_size: int, augment: bool) -> ImageFolder:
-    """One split of the ImageFolder with the training (augment) or evaluation transform."""
-    transform = train_transform(image_size) if augment else eval_transform(image_size)
+def image_folder(
+    root: str | Path, split: str, image_size: int, augment: bool, model: str | None = None
+) -> ImageFolder:
+    """One split of the ImageFolder with the training (augment) or evaluation transform:
+    `model`'s library recipe when given (`imagenet.recipe`), else the standard one."""
+    if model is not None:
+        from qgen_ray.imagenet.recipe import model_transform
+
+        transform = model_transform(model, image_size, train=augment)
+    else:
+        transform = train_transform(image_size) if augment else eval_transform(image_size)
     return IndexedImageFolder(str(Path(root).expanduser() / split), transform=transform)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import nn
 
 from qgen_ray.errors import UserError
-from qgen_ray.models.weights import WEIGHTS_FIX, load_weights_file
+from qgen_ray.models.weights import WEIGHTS_FIX, load_weights_file, read_weights_file
 from qgen_ray.registry import Registry
 
 Builder = Callable[..., nn.Module]
@@ -31,12 +31,15 @@ class ModelEntry:
         number of classes loads everything except this module.
     origin: where a fitting weights file comes from, quoted in the mismatch error.
     pretrained: whether published (hub) weights exist for `pretrained=True`.
+    library: ("torchvision" | "timm", architecture name) for a library's model: its
+        published recipe (transforms) is the library's own (`imagenet.recipe`).
     """
 
     build: Builder
     head: str
     origin: str
     pretrained: bool = False
+    library: tuple[str, str] | None = None
 
     def options(self) -> dict[str, object]:
         """The model's own keyword options and their defaults (`pretrained` excluded)."""
@@ -44,20 +47,29 @@ class ModelEntry:
         return {
             p.name: p.default
             for p in params
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "pretrained"
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in BUILD_ARGUMENTS
         }
+
+
+# keyword arguments of a builder that say where its weights come from, not model options
+BUILD_ARGUMENTS = ("pretrained", "state_dict")
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
 
 
 def register_model(
-    name: str, *, head: str, origin: str | None = None, pretrained: bool = False
+    name: str,
+    *,
+    head: str,
+    origin: str | None = None,
+    pretrained: bool = False,
+    library: tuple[str, str] | None = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator: register `build` under `name` (see `ModelEntry` for the fields)."""
 
     def deco(build: Builder) -> Builder:
-        entry = ModelEntry(build, head, origin or f"qgen_ray's {name}", pretrained)
+        entry = ModelEntry(build, head, origin or f"qgen_ray's {name}", pretrained, library)
         MODELS.add(name, entry)
         return build
 
@@ -110,6 +122,20 @@ def create_model(
         )
     if pretrained:
         kwargs["pretrained"] = True
+    if weights is not None and entry.library is not None and entry.library[0] == "timm":
+        # through timm's own loading: its head dropped for another class count, position
+        # embeddings (and Swin's tables) resampled to image_size, the stem adapted
+        state = read_weights_file(weights)
+        try:
+            return entry.build(num_classes, in_channels, image_size, state_dict=state, **kwargs)
+        except RuntimeError as err:
+            if "loading state_dict" not in str(err):
+                raise
+            detail = str(err).splitlines()[1].strip().rstrip(".") if "\n" in str(err) else ""
+            raise UserError(
+                f"weights file {weights} does not fit {name} ({detail}); it must be a state "
+                f"dict of {entry.origin}"
+            ) from None
     model = entry.build(num_classes, in_channels, image_size, **kwargs)
     if weights is not None:
         load_weights_file(model, weights, name=name, head=entry.head, origin=entry.origin)

@@ -78,6 +78,12 @@ def torchvision_model(
 
 
 for _arch, _head in TORCHVISION_HEADS.items():
-    register_model(_arch, head=_head, origin=f"torchvision's {_arch}", pretrained=True)(
+    register_model(
+        _arch,
+        head=_head,
+        origin=f"torchvision's {_arch}",
+        pretrained=True,
+        library=("torchvision", _arch),
+    )(  # fmt: skip
         partial(torchvision_model, _arch)
     )

@@ -5,8 +5,10 @@
 network) at `img_size=image_size`, `in_chans=in_channels`, `num_classes=num_classes`.
 `pretrained=True` fetches timm's ImageNet weights from the Hugging Face hub (or its cache;
 `HF_HUB_OFFLINE=1` allows only the cache); timm resizes position embeddings and drops a
-head of another size. A `weights=<file>` must come from the same architecture options
-and image size.
+head of another size. A `weights=<file>` goes through the same timm path: a state dict of
+the architecture at any image size and class count (e.g. timm's published 224-pixel,
+1000-class weights saved locally) is loaded with its position embeddings resampled to
+`image_size` and its head dropped for another class count.
 
 Small inputs: DeiT needs `image_size` divisible by `patch_size` (default 16, so 32x32
 gives 2x2 tokens + the class token). Swin merges 2x2 patches three times, so
@@ -34,16 +36,21 @@ def timm_model(
     in_channels: int,
     image_size: int,
     pretrained: bool,
+    state_dict: dict | None = None,
     **options: int,
 ) -> nn.Module:
-    """timm's `arch` at `image_size`; UserError when published weights are not reachable."""
+    """timm's `arch` at `image_size`, from `state_dict` (a local file's, loaded by timm:
+    head dropped for another class count, position embeddings resampled) or the hub's
+    weights (`pretrained`); UserError when published weights are not reachable."""
+    overlay = {"pretrained_cfg_overlay": {"state_dict": state_dict}} if state_dict else {}
     try:
         return timm.create_model(
             arch,
-            pretrained=pretrained,
+            pretrained=pretrained or bool(state_dict),
             num_classes=num_classes,
             in_chans=in_channels,
             img_size=image_size,
+            **overlay,
             **options,
         )
     except OSError as err:
@@ -61,7 +68,8 @@ def _check_divisible(name: str, image_size: int, divisor: int, why: str) -> None
         )
 
 
-@register_model("deit_tiny", head="head", origin="timm's deit_tiny_patch16_224", pretrained=True)
+@register_model("deit_tiny", head="head", origin="timm's deit_tiny_patch16_224", pretrained=True,
+                library=("timm", "deit_tiny_patch16_224"))  # fmt: skip
 def deit_tiny(
     num_classes: int,
     in_channels: int,
@@ -69,6 +77,7 @@ def deit_tiny(
     *,
     patch_size: int = 16,
     pretrained: bool = False,
+    state_dict: dict | None = None,
 ) -> nn.Module:
     """DeiT-Tiny (Touvron et al. 2021); `patch_size`: side of a token's patch in pixels."""
     _check_divisible("deit_tiny", image_size, patch_size, "patch_size")
@@ -78,12 +87,17 @@ def deit_tiny(
         in_channels,
         image_size,
         pretrained,
+        state_dict,
         patch_size=patch_size,
     )
 
 
 @register_model(
-    "swin_tiny", head="head.fc", origin="timm's swin_tiny_patch4_window7_224", pretrained=True
+    "swin_tiny",
+    head="head.fc",
+    origin="timm's swin_tiny_patch4_window7_224",
+    pretrained=True,
+    library=("timm", "swin_tiny_patch4_window7_224"),
 )
 def swin_tiny(
     num_classes: int,
@@ -93,6 +107,7 @@ def swin_tiny(
     patch_size: int = 4,
     window_size: int = 7,
     pretrained: bool = False,
+    state_dict: dict | None = None,
 ) -> nn.Module:
     """Swin-Tiny (Liu et al. 2021); `patch_size`: side of a patch in pixels; `window_size`:
     side of an attention window in tokens."""
@@ -104,6 +119,7 @@ def swin_tiny(
         in_channels,
         image_size,
         pretrained,
+        state_dict,
         patch_size=patch_size,
         window_size=window_size,
     )

@@ -112,6 +112,14 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the two softmax distributions, mean over the batch: the
+    online distillation term (temperature 1, weight 1, added to the cross-entropy)."""
+    return F.kl_div(F.log_softmax(student_logits.float(), 1),
+                    F.log_softmax(teacher_logits.float(), 1), log_target=True,
+                    reduction="batchmean")  # fmt: skip
+
+
 def train_epoch(
     model: nn.Module,
     loader,
@@ -121,11 +129,14 @@ def train_epoch(
     epochs: int,
     keep_indices: bool = False,
     terms=None,
+    teacher: nn.Module | None = None,
 ) -> dict:
     """One pass over this rank's shard. Returns the epoch's loss, accuracy and image count
-    summed over all ranks (mean loss = loss_sum / images), the seconds it took, and (with
-    `keep_indices`) the dataset indices this rank trained on. `terms`: the model's
-    `QuantTerms` (built here when not given)."""
+    summed over all ranks (mean loss = loss_sum / images: the cross-entropy, without the
+    regularizer or distillation terms), the seconds it took, and (with `keep_indices`)
+    the dataset indices this rank trained on. `terms`: the model's `QuantTerms` (built
+    here when not given). `teacher`: a frozen model whose softmax the student is also
+    pulled toward (`distillation_loss`)."""
     terms = terms or QuantTerms(model)
     model.train()
     t0 = time.time()
@@ -139,8 +150,13 @@ def train_epoch(
         with _autocast(device):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
+            extra = terms.regularizer(progress)
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x)
+                extra = extra + distillation_loss(logits, teacher_logits)
         optimizer.zero_grad(set_to_none=True)
-        (loss + terms.regularizer(progress)).backward()
+        (loss + extra).backward()
         optimizer.step()
         terms.clamp_steps_()
         loss_sum += loss.detach().double() * len(y)
@@ -207,6 +223,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     record: EpochRecord
     terms: QuantTerms
+    teacher: nn.Module | None = None
 
 
 def _start(
@@ -231,7 +248,30 @@ def _start(
     record, _ = EpochRecord.start(
         trial, model, optimizer, scheduler, write_init=world()[0] == 0, map_location=device
     )
-    return _Run(model, optimizer, scheduler, record, QuantTerms(model))
+    return _Run(
+        model,
+        optimizer,
+        scheduler,
+        record,
+        QuantTerms(model),
+        _teacher(spec, options, num_classes, device),
+    )
+
+
+def _teacher(
+    spec: TrainSpec, options: FinetuneOptions, num_classes: int, device
+) -> nn.Module | None:
+    """The frozen FP32 model of the student's starting weights (`spec.distill`), eval mode;
+    rebuilt from those weights on resume."""
+    if not spec.distill:
+        return None
+    from dataclasses import replace
+
+    fp32 = replace(spec, method="fp32", bits=32, distill=False)
+    teacher = build_model(fp32, num_classes, 3, spec.image_size, weights=options.weights,
+                          pretrained=options.pretrained_from_hub).to(device)  # fmt: skip
+    teacher.eval().requires_grad_(False)
+    return teacher
 
 
 def _log_samples(trial: TrialStore, epoch: int, indices: list[int]) -> None:
@@ -272,7 +312,9 @@ def finetune(
         "pin_memory": device.type == "cuda",
     }
     per_rank = spec.batch_size // world_size
-    train_set = image_folder(options.data_root, "train", spec.image_size, spec.augment)
+    train_set = image_folder(
+        options.data_root, "train", spec.image_size, spec.augment, model=spec.model
+    )
     if len(train_set) < world_size:
         raise UserError(
             f"{options.data_root}/train has {len(train_set)} images, fewer than the "
@@ -290,8 +332,9 @@ def finetune(
             lr = run.optimizer.param_groups[0]["lr"]
             keep = options.log_samples
             stats = train_epoch(
-                ddp_model, loader, run.optimizer, device, epoch, spec.epochs, keep, run.terms
-            )
+                ddp_model, loader, run.optimizer, device, epoch, spec.epochs, keep, run.terms,
+                run.teacher,
+            )  # fmt: skip
             run.scheduler.step()
             if not math.isfinite(stats["loss_sum"]):
                 raise Diverged(f"non-finite training loss in epoch {epoch}")
@@ -317,8 +360,8 @@ def finetune(
     if record.load_kept(run.model):
         metrics = _kept_model_metrics(
             run.model,
+            spec,
             options.data_root,
-            spec.image_size,
             per_rank * EVAL_BATCH_FACTOR,
             loader_args,
             device,
@@ -355,12 +398,12 @@ def _mean(values: list[float]) -> float:
 
 
 def _kept_model_metrics(
-    model: nn.Module, root: str, image_size: int, batch: int, loader_args: dict, device
+    model: nn.Module, spec: TrainSpec, root: str, batch: int, loader_args: dict, device
 ) -> dict:
-    """Train/val loss and accuracy of the kept model (eval transform), and both gaps."""
+    """Train/val loss and accuracy of the kept model (its eval transform), and both gaps."""
     splits = []
     for split in ("train", "val"):
-        data = image_folder(root, split, image_size, augment=False)
+        data = image_folder(root, split, spec.image_size, augment=False, model=spec.model)
         loader = make_loader(data, batch, train=False, seed=0, **loader_args)
         splits.append(evaluate_loader(model, loader, device))
     return kept_metrics(*splits)

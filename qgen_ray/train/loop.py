@@ -58,15 +58,31 @@ def resolve_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def make_optimizer(spec: TrainSpec, model: nn.Module) -> torch.optim.Optimizer:
-    """The spec's optimizer. Weight decay applies to network parameters, never to the
-    quantizers' steps or codebooks (our choice, as in most LSQ implementations)."""
+def no_decay_ids(spec: TrainSpec, model: nn.Module) -> set[int]:
+    """The parameters weight decay never touches: the quantizers' steps and codebooks (our
+    choice, as in most LSQ implementations) and, for timm's models (the ViT recipe), what
+    timm exempts itself: norms, biases and the model's `no_weight_decay()` names such as
+    `pos_embed` and `cls_token` (`timm.optim.param_groups_weight_decay`)."""
+    from qgen_ray.models import MODELS
     from qgen_ray.quant import quantizer_parameters
 
-    quant = {id(p) for p in quantizer_parameters(model)}
+    skip = {id(p) for p in quantizer_parameters(model)}
+    library = MODELS.get(spec.model).library if spec.model in MODELS else None
+    if library is not None and library[0] == "timm":
+        from timm.optim import param_groups_weight_decay
+
+        names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=names)
+        skip |= {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    return skip
+
+
+def make_optimizer(spec: TrainSpec, model: nn.Module) -> torch.optim.Optimizer:
+    """The spec's optimizer; weight decay on every parameter but `no_decay_ids`."""
+    skip = no_decay_ids(spec, model)
     groups = [
-        {"params": [p for p in model.parameters() if id(p) not in quant]},
-        {"params": [p for p in model.parameters() if id(p) in quant], "weight_decay": 0.0},
+        {"params": [p for p in model.parameters() if id(p) not in skip]},
+        {"params": [p for p in model.parameters() if id(p) in skip], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
     if spec.optimizer not in OPTIMIZER_BUILDERS:
