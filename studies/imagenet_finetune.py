@@ -19,11 +19,15 @@ rows), read from the training ImageFolder, and the report.
 from qgen_ray.imagenet.cli import main as finetune_main
 from qgen_ray.pipeline.study import IMAGENET_SMOKE_PROTOCOL, Study, imagenet_cnns
 
+# --smoke measures one search and the norm (all nine take minutes per CPU model)
+SMOKE_MEASURES = {"measure": {"measures": ["pacbayes_init", "weight_norm"]}}
+
 CNNS = imagenet_cnns(
     "imagenet_finetune",
     description="ImageNet fine-tuning of pretrained CNNs (LSQ) and ViTs (VVTQ) at four "
     "precisions with Ray Train DDP.",
     stages=("train", "measure", "report"),
+    smoke_stage_options=SMOKE_MEASURES,
 )
 
 VITS = Study(
@@ -45,6 +49,7 @@ VITS = Study(
     smoke_protocol=IMAGENET_SMOKE_PROTOCOL,
     smoke_precisions=(("vvtq", 4),),
     stages=("train", "measure", "report"),
+    smoke_stage_options=SMOKE_MEASURES,
 )
 
 STUDIES = (CNNS, VITS)

@@ -383,9 +383,11 @@ def test_two_cpu_workers_train_disjoint_halves_and_land_in_trials_parquet(killed
     assert history["epoch"].tolist() == [1, 2] and (history["train_loss"] > 0).all()
     assert len(pd.read_parquet(study / schema.STEPS)) > 0
     assert list((study / "tune").rglob("events.out.tfevents*"))  # Tune got the epochs
-    # the script's default stages go on to measure (images read from the ImageFolder)
+    # the script's default stages go on to measure (images read from the ImageFolder; the
+    # smoke run's measures: one search and the norm)
     measures = pd.read_parquet(study / schema.MEASURES)
-    assert set(measures["model_id"]) == {trial.name} and len(measures) == 9
+    assert set(measures["model_id"]) == {trial.name}
+    assert sorted(measures["measure"]) == ["pacbayes_init", "weight_norm"]
     assert measures["value"].notna().all() and (study / "report" / "report.md").is_file()
 
 

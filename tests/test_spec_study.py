@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from qgen_ray.errors import UserError
@@ -82,6 +84,28 @@ def test_smoke_is_a_corner_of_the_grid():
         smoke_protocol={"epochs": 1},
     )
     assert len(study.smoke().plan()) == 4 and all(s.epochs == 1 for s in study.smoke().specs())
+
+
+def test_smoke_stage_options_go_over_the_studys_per_stage():
+    study = Study(
+        name="x",
+        dataset="digits",
+        model="nin",
+        grid={"width": [1]},
+        stage_options={"measure": {"mode": "faithful"}, "landscape": {"steps": 11}},
+        smoke_stage_options={
+            "measure": {"measures": ["weight_norm"]},
+            "corrupt": {"severities": [1]},
+        },
+    )
+    assert study.smoke().stage_options == {
+        "measure": {"mode": "faithful", "measures": ["weight_norm"]},
+        "landscape": {"steps": 11},
+        "corrupt": {"severities": [1]},
+    }
+    assert study.stage_options == {"measure": {"mode": "faithful"}, "landscape": {"steps": 11}}
+    with pytest.raises(UserError, match="no option 'stepz'"):  # checked like the study's own
+        replace(study, smoke_stage_options={"landscape": {"stepz": 3}}).smoke().plan()
 
 
 @pytest.mark.parametrize(

@@ -265,7 +265,8 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
             outputs["trials"] = study_cli.collect_trials(store, name)
         for stage in ("measure", "corrupt", "landscape"):
             if stage in stages:
-                options = corrupt if stage == "corrupt" else studies[0].stage_options.get(stage, {})
+                first = studies[0].smoke() if args.smoke else studies[0]
+                options = corrupt if stage == "corrupt" else first.stage_options.get(stage, {})
                 outputs[stage] = run_followup(stage, store, args, options)
         if "report" in stages:
             from qgen_ray.pipeline import followups as stage_impl

@@ -106,14 +106,20 @@ class Study:
     stages: tuple[str, ...] = ("train",)  # after training: "measure", "corrupt", "report"
     stage_options: dict = field(default_factory=dict)  # per stage: {"measure": {...}}
     description: str = ""
+    smoke_stage_options: dict | None = None  # --smoke: per stage, over `stage_options`
 
     def smoke(self) -> Study:
         """The same study shrunk to about a minute with Ray's start, for CI (`--smoke`)."""
+        smoke = self.smoke_stage_options or {}
         return replace(
             self,
             grid=self.smoke_grid if self.smoke_grid is not None else self.grid,
             protocol={**self.protocol, **(self.smoke_protocol or {})},
             precisions=self.smoke_precisions or self.precisions,
+            stage_options={
+                stage: {**self.stage_options.get(stage, {}), **smoke.get(stage, {})}
+                for stage in dict.fromkeys([*self.stage_options, *smoke])
+            },
         )
 
     @property
