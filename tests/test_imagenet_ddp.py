@@ -85,6 +85,23 @@ def test_train_shards_are_disjoint_halves_and_eval_shards_cover_every_image(tmp_
     assert x.shape == (3, 16, 16) and val[0][0].shape == (3, 16, 16) and y == 0
 
 
+def test_labels_count_the_class_folders_the_checks_count(tmp_path):
+    """A hidden folder (`.ipynb_checkpoints`, with or without images) is no class: the
+    labels of training and measures agree with `check_imagefolder` and ImageNet-C's."""
+    from qgen_ray.imagenet.imagenet_c import clean_class_index
+
+    root = write_imagefolder(tmp_path / "data", classes=2, train=2, val=1, size=16)
+    write_imagefolder(tmp_path / "hidden", classes=1, train=1, val=1, size=16)
+    for split in ("train", "val"):
+        (tmp_path / "hidden" / split / "n00000000").rename(root / split / ".ipynb_checkpoints")
+    (root / "train" / ".cache").mkdir()  # no images: torchvision's own rule would raise
+    classes = check_imagefolder(root)
+    dataset = image_folder(root, "train", 16, augment=False)
+    assert dataset.classes == classes == ["n00000000", "n00000001"]
+    assert dataset.class_to_idx == clean_class_index(root)
+    assert sorted(dataset.targets) == [0, 0, 1, 1]
+
+
 def test_transforms_follow_the_imagenet_recipe():
     names = [type(t).__name__ for t in train_transform(224).transforms]
     assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]

@@ -101,8 +101,9 @@ def test_vit_weight_decay_spares_what_timm_spares():
 
 def test_vit_weights_from_a_local_file_load_through_timm(tmp_path):
     """A 224-pixel, 1000-class timm state dict into a 10-class DeiT at 32 px: the blocks
-    load, the position embedding is resampled to 2x2 + 1 tokens, the head is fresh. A
-    state dict of another architecture is one line naming the file."""
+    load, the position embedding is resampled to 2x2 + 1 tokens, the head is fresh; a
+    10-class file keeps its head. A state dict of another architecture, or with keys the
+    model does not have, is one line naming the file."""
     from qgen_ray.errors import UserError
     from qgen_ray.models import create_model
 
@@ -122,16 +123,30 @@ def test_vit_weights_from_a_local_file_load_through_timm(tmp_path):
     with pytest.raises(UserError, match=f"weights file {other} does not fit deit_tiny"):
         create_model("deit_tiny", 10, 3, 32, weights=other)
 
+    # a 10-class file (saved through DDP: `module.` keys) keeps its head in a 10-class model
+    tuned = timm.create_model("deit_tiny_patch16_224", num_classes=10, img_size=32)
+    ddp = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in tuned.state_dict().items()}, ddp)
+    model = create_model("deit_tiny", 10, 3, 32, weights=ddp)
+    assert all(torch.equal(v, tuned.state_dict()[k]) for k, v in model.state_dict().items())
+    # keys timm would load nothing from (strict off for another head) are one line too
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({f"backbone.{k}": v for k, v in source.state_dict().items()}, wrapped)
+    with pytest.raises(UserError, match=f"{wrapped} does not fit deit_tiny: missing cls_token"):
+        create_model("deit_tiny", 10, 3, 32, weights=wrapped)
 
-def test_distillation_is_kl_to_a_frozen_teacher():
+
+def test_distillation_is_kl_to_a_frozen_teacher(tmp_path):
     """VVTQ's online distillation: the extra term is KL(teacher || student) of the
-    softmaxes, the teacher never changes, and the student's step moves with it."""
+    softmaxes; the teacher is the FP32 model of the starting weights, whole, eval mode and
+    frozen (a file whose head is another class count's is one line), it never changes, and
+    the student's step moves with it."""
     from dataclasses import replace
 
     from qgen_ray.errors import UserError
     from qgen_ray.spec import TrainSpec
     from qgen_ray.train import build_model
-    from qgen_ray.train.finetune import distillation_loss, train_epoch
+    from qgen_ray.train.finetune import FinetuneOptions, _teacher, distillation_loss, train_epoch
     from qgen_ray.train.loop import make_optimizer
 
     s, t = torch.randn(6, 10), torch.randn(6, 10)
@@ -145,9 +160,16 @@ def test_distillation_is_kl_to_a_frozen_teacher():
     assert replace(spec, distill=True).model_id != spec.model_id  # part of the identity
     with pytest.raises(UserError, match="FP32 model has no teacher"):
         TrainSpec(dataset="imagenet", model="deit_tiny", image_size=32, distill=True)
-    torch.manual_seed(0)
-    teacher = build_model(replace(spec, method="fp32", bits=32), 10, 3, 32).eval()
-    teacher.requires_grad_(False)
+    fp32 = build_model(replace(spec, method="fp32", bits=32), 10, 3, 32)
+    weights = tmp_path / "fp32.pt"
+    torch.save(fp32.state_dict(), weights)
+    options = FinetuneOptions(store=str(tmp_path), data_root=str(tmp_path), weights=str(weights))
+    assert _teacher(spec, options, 10, "cpu") is None  # not distilled: no teacher
+    teacher = _teacher(replace(spec, distill=True), options, 10, "cpu")
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(v, fp32.state_dict()[k]) for k, v in teacher.state_dict().items())
+    with pytest.raises(UserError, match="have a 10-class head; pass --weights deit_tiny=PATH"):
+        _teacher(replace(spec, distill=True), options, 5, "cpu")  # its head would be random
     frozen = {k: v.clone() for k, v in teacher.state_dict().items()}
     batch = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)), torch.arange(4))]
     after = {}

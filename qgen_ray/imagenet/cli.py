@@ -132,8 +132,10 @@ def parse_weights(items: list[str], models: list[str]) -> dict[str, str]:
 def check_weights(
     plan: list[tuple[TrainSpec, dict]], weights: dict[str, str], hub: bool, num_classes: int
 ) -> None:
-    """Every model has starting weights that fit its architecture (built here, once each)."""
+    """Every model has starting weights that fit its architecture (built here, once each)
+    and, where it is distilled, that classify the study's classes (`check_teacher`)."""
     from qgen_ray.models import create_model
+    from qgen_ray.train.finetune import check_teacher
 
     seen = set()
     for spec, _ in plan:
@@ -158,6 +160,8 @@ def check_weights(
             pretrained=hub,
             **spec.model_arguments,
         )
+        if any(other.distill for other, _ in plan if other.model == spec.model):
+            check_teacher(spec.model, weights.get(spec.model), num_classes)
 
 
 def plan_studies(studies: tuple[Study, ...], args: argparse.Namespace) -> tuple[str, list]:
@@ -247,7 +251,8 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
                 f"{spec.batch_size} of {spec.model}; pick a divisor"
             )
     store = StudyStore.for_study(args.storage, name)
-    corrupt = corrupt_options(studies[0], args) if "corrupt" in stages else {}
+    first = studies[0].smoke() if args.smoke else studies[0]  # its stage options
+    corrupt = corrupt_options(first, args) if "corrupt" in stages else {}
     weights = {}
     if "train" in stages:
         if corrupt:  # ImageNet-C checked before the (long) training, not after it
@@ -263,16 +268,12 @@ def run(studies: tuple[Study, ...], args: argparse.Namespace) -> dict:
             study_cli.write_study_record(store, describe(studies, name, plan), root)
             _finetune(store, name, plan, weights, trackers, args)
             outputs["trials"] = study_cli.collect_trials(store, name)
-        for stage in ("measure", "corrupt", "landscape"):
-            if stage in stages:
-                first = studies[0].smoke() if args.smoke else studies[0]
-                options = corrupt if stage == "corrupt" else first.stage_options.get(stage, {})
-                outputs[stage] = run_followup(stage, store, args, options)
-        if "report" in stages:
-            from qgen_ray.pipeline import followups as stage_impl
 
-            outputs["report"] = stage_impl.run_stage("report", store, args, {})
-    return outputs
+        def run_one(stage: str) -> str:
+            options = corrupt if stage == "corrupt" else first.stage_options.get(stage, {})
+            return run_followup(stage, store, args, options)
+
+        return study_cli.later_stages(store, stages, run_one, outputs)
 
 
 def _finetune(store, name: str, plan: list, weights: dict, trackers: tuple, args) -> None:
@@ -326,12 +327,15 @@ def corrupt_options(study: Study, args: argparse.Namespace) -> dict:
 
 
 def run_followup(stage: str, store, args: argparse.Namespace, options: dict) -> str:
-    """A follow-up stage (measure, corrupt, landscape) of the study's models: one worker
-    actor holds the CPUs and GPUs of one DDP worker (`resources`), several actors work on
-    models side by side; images are read from the ImageFolder (and ImageNet-C)."""
-    from qgen_ray.pipeline.followups import STAGE_FUNCTIONS, Placement
+    """A stage after fine-tuning: the follow-ups (measure, corrupt, landscape) of the
+    study's models give one worker actor the CPUs and GPUs of one DDP worker (`resources`),
+    several actors work on models side by side, images are read from the ImageFolder (and
+    ImageNet-C); the report as any study's."""
+    from qgen_ray.pipeline.followups import Placement, run_stage
     from qgen_ray.ray.session import init_ray
 
+    if stage == "report":
+        return run_stage(stage, store, args, options)
     init_ray(args.address)
     res = resources(args)
     place = Placement(
@@ -341,10 +345,8 @@ def run_followup(stage: str, store, args: argparse.Namespace, options: dict) -> 
         address=args.address,
         device=args.device,
     )
-    if stage == "corrupt":
-        options = {"corruptions": options["corruptions"], "severities": options["severities"],
-                   "corrupt_root": args.corrupt_root}  # fmt: skip
-    return STAGE_FUNCTIONS[stage](store, **options, place=place)
+    options = {k: v for k, v in options.items() if k != "sets"}  # corrupt's, for the checks
+    return run_stage(stage, store, args, options, place)
 
 
 def main(studies: tuple[Study, ...], argv: list[str] | None = None) -> dict:

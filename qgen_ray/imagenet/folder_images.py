@@ -29,7 +29,8 @@ CACHE_IMAGES = 1024  # decoded images kept (float32: 0.6 MB each at 224 px)
 
 class FolderImages:
     """`x` of the measures for an image Dataset whose items are (image tensor, label, ...):
-    `shape` [N, C, H, W], `device`, `to(device)`, `x[index]` -> float [n, C, H, W]."""
+    `shape` [N, C, H, W], `device`, `to(device)`, `x[index]` -> float [n, C, H, W] for an
+    index tensor, boolean mask, list or slice, [C, H, W] for one integer."""
 
     def __init__(
         self,
@@ -67,6 +68,10 @@ class FolderImages:
         return self.dataset[i][0]
 
     def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0):
+            return self[[int(index)]][0]
+        if isinstance(index, torch.Tensor) and index.dtype == torch.bool:
+            index = index.nonzero().flatten()
         if isinstance(index, slice):
             index = range(*index.indices(len(self)))
         elif isinstance(index, torch.Tensor):

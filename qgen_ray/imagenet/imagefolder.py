@@ -112,6 +112,12 @@ class IndexedImageFolder(ImageFolder):
         image, label = super().__getitem__(index)
         return image, label, index
 
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """The class folders `check_imagefolder` and ImageNet-C's labels count (hidden
+        ones such as `.ipynb_checkpoints` left out), label i = i-th in sorted order."""
+        classes = _classes(Path(directory))
+        return classes, {name: i for i, name in enumerate(classes)}
+
 
 def image_folder(
     root: str | Path, split: str, image_size: int, augment: bool, model: str | None = None

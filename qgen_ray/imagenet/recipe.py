@@ -23,7 +23,7 @@ import torch
 from torchvision import transforms as T
 
 from qgen_ray.imagenet.imagefolder import eval_transform, train_transform
-from qgen_ray.models import MODELS
+from qgen_ray.models import model_library
 
 Transform = Callable
 
@@ -63,7 +63,7 @@ def _timm(arch: str, image_size: int, train: bool) -> Transform:
 
 def model_transform(model: str, image_size: int, train: bool) -> Transform:
     """The transform of `model`'s recipe: training (`train`) or evaluation."""
-    library = MODELS.get(model).library if model in MODELS else None
+    library = model_library(model)
     if library is None:
         return train_transform(image_size) if train else eval_transform(image_size)
     kind, arch = library

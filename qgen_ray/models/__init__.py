@@ -21,6 +21,7 @@ from qgen_ray.models.registry import (
     ModelEntry,
     count_params,
     create_model,
+    model_library,
     model_options,
     register_model,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "count_params",
     "create_model",
     "load_fitting",
+    "model_library",
     "model_options",
     "read_weights_file",
     "register_model",

@@ -15,7 +15,14 @@ from pathlib import Path
 from torch import nn
 
 from qgen_ray.errors import UserError
-from qgen_ray.models.weights import WEIGHTS_FIX, load_weights_file, read_weights_file
+from qgen_ray.models.weights import (
+    WEIGHTS_FIX,
+    check_loaded_keys,
+    head_classes,
+    load_weights_file,
+    read_weights_file,
+    strip_prefixes,
+)
 from qgen_ray.registry import Registry
 
 Builder = Callable[..., nn.Module]
@@ -76,6 +83,12 @@ def register_model(
     return deco
 
 
+def model_library(name: str) -> tuple[str, str] | None:
+    """("torchvision" | "timm", architecture) of a library's model; None for our own models
+    and unknown names."""
+    return MODELS.get(name).library if name in MODELS else None
+
+
 def model_options(name: str) -> dict[str, object]:
     """The keyword options `create_model(name, ...)` accepts, with their defaults."""
     return MODELS.get(name).options()
@@ -122,12 +135,14 @@ def create_model(
         )
     if pretrained:
         kwargs["pretrained"] = True
-    if weights is not None and entry.library is not None and entry.library[0] == "timm":
-        # through timm's own loading: its head dropped for another class count, position
-        # embeddings (and Swin's tables) resampled to image_size, the stem adapted
-        state = read_weights_file(weights)
+    library = model_library(name)
+    if weights is not None and library is not None and library[0] == "timm":
+        # through timm's own loading: position embeddings (and Swin's tables) resampled to
+        # image_size, the stem adapted; the head kept when it has num_classes, else dropped
+        state = strip_prefixes(read_weights_file(weights))
+        keys, classes = list(state), head_classes(state, entry.head)
         try:
-            return entry.build(num_classes, in_channels, image_size, state_dict=state, **kwargs)
+            model = entry.build(num_classes, in_channels, image_size, state_dict=state, **kwargs)
         except RuntimeError as err:
             if "loading state_dict" not in str(err):
                 raise
@@ -136,6 +151,10 @@ def create_model(
                 f"weights file {weights} does not fit {name} ({detail}); it must be a state "
                 f"dict of {entry.origin}"
             ) from None
+        source = f"weights file {weights}"
+        check_loaded_keys(model, keys, other_head=classes != num_classes, name=name,
+                          head=entry.head, source=source, origin=entry.origin)  # fmt: skip
+        return model
     model = entry.build(num_classes, in_channels, image_size, **kwargs)
     if weights is not None:
         load_weights_file(model, weights, name=name, head=entry.head, origin=entry.origin)

@@ -8,7 +8,9 @@ network) at `img_size=image_size`, `in_chans=in_channels`, `num_classes=num_clas
 head of another size. A `weights=<file>` goes through the same timm path: a state dict of
 the architecture at any image size and class count (e.g. timm's published 224-pixel,
 1000-class weights saved locally) is loaded with its position embeddings resampled to
-`image_size` and its head dropped for another class count.
+`image_size`; its head is kept when it has `num_classes` classes and dropped otherwise,
+and every other key must match (`weights.check_loaded_keys`: timm itself loads a model
+with another head loosely).
 
 Small inputs: DeiT needs `image_size` divisible by `patch_size` (default 16, so 32x32
 gives 2x2 tokens + the class token). Swin merges 2x2 patches three times, so
@@ -25,7 +27,7 @@ from torch import nn
 
 from qgen_ray.errors import UserError
 from qgen_ray.models.registry import register_model
-from qgen_ray.models.weights import WEIGHTS_FIX
+from qgen_ray.models.weights import WEIGHTS_FIX, head_classes
 
 SWIN_MERGES = 3  # patch-merging stages of Swin-T (each halves the token grid)
 
@@ -40,17 +42,22 @@ def timm_model(
     **options: int,
 ) -> nn.Module:
     """timm's `arch` at `image_size`, from `state_dict` (a local file's, loaded by timm:
-    head dropped for another class count, position embeddings resampled) or the hub's
-    weights (`pretrained`); UserError when published weights are not reachable."""
-    overlay = {"pretrained_cfg_overlay": {"state_dict": state_dict}} if state_dict else {}
+    position embeddings resampled, the head kept when it has num_classes, else dropped) or
+    the hub's weights (`pretrained`); UserError when published weights are not reachable."""
+    overlay = {}
+    if state_dict:
+        # timm keeps the head only when num_classes equals its config's count: the file's
+        head = timm.models.get_pretrained_cfg(arch).classifier
+        classes = head_classes(state_dict, head)
+        overlay = {"state_dict": state_dict, **({"num_classes": classes} if classes else {})}
     try:
-        return timm.create_model(
+        model = timm.create_model(
             arch,
             pretrained=pretrained or bool(state_dict),
             num_classes=num_classes,
             in_chans=in_channels,
             img_size=image_size,
-            **overlay,
+            **({"pretrained_cfg_overlay": overlay} if overlay else {}),
             **options,
         )
     except OSError as err:
@@ -58,6 +65,8 @@ def timm_model(
             f"cannot fetch timm weights for {arch} ({err.__class__.__name__}); connect to the "
             f"Hugging Face hub, fill its cache, or {WEIGHTS_FIX}"
         ) from None
+    model.pretrained_cfg.pop("state_dict", None)  # the file's tensors are not kept twice
+    return model
 
 
 def _check_divisible(name: str, image_size: int, divisor: int, why: str) -> None:

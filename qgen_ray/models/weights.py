@@ -58,6 +58,44 @@ def _names(keys: list[str]) -> str:
     return ", ".join(keys[:SHOWN_KEYS]) + (f" (+{more} more)" if more > 0 else "")
 
 
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without a `module.` (DistributedDataParallel) or `_orig_mod.` (torch.compile)
+    prefix on every key."""
+    state = dict(state)
+    for prefix in ("module.", "_orig_mod."):
+        consume_prefix_in_state_dict_if_present(state, prefix)
+    return state
+
+
+def head_classes(state: Mapping[str, torch.Tensor], head: str) -> int | None:
+    """The number of classes of the head `head` in `state` (None when it has none)."""
+    weight = state.get(f"{head}.weight")
+    return None if weight is None else int(weight.shape[0])
+
+
+def _fit_problems(
+    own: list[str], keys: list[str], head: str, other_head: bool, spare: set[str] = frozenset()
+) -> list[str]:
+    """What keeps a state dict with `keys` from fitting a model with `own` keys: missing
+    and unexpected keys, the head's left out when it is another class count's (`other_head`),
+    `spare` file keys the model may hold as non-persistent buffers (timm's Swin tables)."""
+    problems = []
+    missing = [k for k in own if k not in keys and not (other_head and _under(k, head))]
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected := [k for k in keys if k not in own and k not in spare]:
+        problems.append(f"unexpected {_names(unexpected)}")
+    return problems
+
+
+def _refuse(source: str, name: str, origin: str, problems: list[str]) -> None:
+    if problems:
+        raise UserError(
+            f"{source} does not fit {name}: {'; '.join(problems)}; "
+            f"pass the file saved from {origin}"
+        )
+
+
 def load_fitting(
     model: nn.Module,
     state: Mapping[str, torch.Tensor],
@@ -72,30 +110,32 @@ def load_fitting(
     name: the model's registry name; head: its classifier module; source: what `state`
     is, for the error ("weights file x.pt"); origin: where a fitting file comes from.
     """
-    state = dict(state)
-    for prefix in ("module.", "_orig_mod."):
-        consume_prefix_in_state_dict_if_present(state, prefix)
+    state = strip_prefixes(state)
     own = model.state_dict()
     shared = [k for k in own if k in state]  # in the model's order: first layer first
     mismatched = [k for k in shared if own[k].shape != state[k].shape]
     other_head = any(_under(k, head) for k in mismatched)
     skipped = [k for k in state if other_head and _under(k, head)]
-    problems = []
-    missing = [k for k in own if k not in state and not (other_head and _under(k, head))]
-    if missing:
-        problems.append(f"missing {_names(missing)}")
-    if unexpected := [k for k in state if k not in own]:
-        problems.append(f"unexpected {_names(unexpected)}")
+    problems = _fit_problems(list(own), list(state), head, other_head)
     if wrong := [k for k in mismatched if not _under(k, head)]:
         shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
         problems.append(f"shapes (file vs model) {_names(shapes)}")
-    if problems:
-        raise UserError(
-            f"{source} does not fit {name}: {'; '.join(problems)}; "
-            f"pass the file saved from {origin}"
-        )
+    _refuse(source, name, origin, problems)
     model.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
     return skipped
+
+
+def check_loaded_keys(
+    model: nn.Module, keys: list[str], *, other_head: bool, name: str, head: str, source: str,
+    origin: str,
+) -> None:  # fmt: skip
+    """After a library loaded a state dict with `keys` into `model` by its own rules (timm:
+    resampled position embeddings, so shapes may differ): every key of the model came from
+    the file (the head aside when `other_head`), and the file held nothing else."""
+    spare = {n for n, _ in model.named_buffers()}
+    _refuse(
+        source, name, origin, _fit_problems(list(model.state_dict()), keys, head, other_head, spare)
+    )
 
 
 def load_weights_file(

@@ -338,7 +338,7 @@ def landscape_study(
     todo = [m for m in chosen if m not in have]
     print(
         f"[landscape] {len(chosen)} models, {len(todo)} to compute ({steps}x{steps} grid"
-        + (f", on {images} training images drawn at random)" if images else ")")
+        + (f", on at most {images} training images drawn at random)" if images else ")")
     )
     stale = [] if done is None else sorted(set(todo) & set(done["model_id"]))
     if stale:  # another grid of these models: replaced, never mixed with the new one
@@ -414,10 +414,17 @@ def placement_from_args(args: argparse.Namespace) -> Placement:
     return Placement(**values)
 
 
-def run_stage(stage: str, store: StudyStore, args: argparse.Namespace, options: dict) -> str:
-    """Run one stage with the study's options and the command line's placement."""
+def run_stage(
+    stage: str,
+    store: StudyStore,
+    args: argparse.Namespace,
+    options: dict,
+    place: Placement | None = None,
+) -> str:
+    """Run one stage with the study's options and `place` (default: the command line's
+    placement)."""
     if stage == "report":
         return publish_report(store)
     if stage == "corrupt" and getattr(args, "corrupt_root", None):
         options = {**options, "corrupt_root": args.corrupt_root}
-    return STAGE_FUNCTIONS[stage](store, **options, place=placement_from_args(args))
+    return STAGE_FUNCTIONS[stage](store, **options, place=place or placement_from_args(args))

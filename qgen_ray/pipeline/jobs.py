@@ -86,7 +86,8 @@ def training_images(
     (`data` None, `folder` = {"root", "threads"}, `item` with the model's "model" and
     "image_size"): its train/ split read lazily through the model's evaluation transform
     (`FolderImages`: only the images the caller indexes are decoded). `images`: a seeded
-    random subset of that many (None: all)."""
+    random subset of at most that many (None: all), from a folder decoded once into one
+    tensor on `device`."""
     if folder is None:
         x, y = data.train_x, data.train_y
         keep = _subset(len(y), images, seed)
@@ -103,10 +104,11 @@ def training_images(
     )
     y = folder_labels(dataset)
     keep = _subset(len(y), images, seed)
-    if keep is not None:  # a subset is read over and over (a landscape): keep all of it
+    if keep is not None:
         dataset, y = Subset(dataset, keep.tolist()), y[keep]
-    cache = CACHE_IMAGES if keep is None else len(keep)
-    x = FolderImages(dataset, device, threads=folder["threads"], cache_images=cache)
+    x = FolderImages(dataset, device, threads=folder["threads"], cache_images=CACHE_IMAGES)
+    if images is not None:  # a subset read over and over (a landscape): decoded once, held
+        x = x[:]
     return x, y.to(device)
 
 

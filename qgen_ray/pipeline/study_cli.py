@@ -262,7 +262,6 @@ def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
 
     cpus, gpus, pack = resources
     outputs: dict[str, str] = {}
-    failures: dict[str, list[str]] = {}
     if "train" in stages and isinstance(study, SearchStudy):
         outputs["trials"] = _search(study, args, store, options, cpus, gpus)
     elif "train" in stages:
@@ -293,6 +292,25 @@ def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
                 trackers=args.trackers,
             )
         outputs["trials"] = collect_trials(store, study.name, [s.model_id for s, _ in pending])
+    from qgen_ray.pipeline import followups as stage_impl
+
+    def run_one(stage: str) -> str:
+        return stage_impl.run_stage(stage, store, args, study.stage_options.get(stage, {}))
+
+    return later_stages(store, stages, run_one, outputs)
+
+
+def later_stages(
+    store: StudyStore,
+    stages: list[str],
+    run_one: collections.abc.Callable[[str], str],
+    outputs: dict,
+) -> dict:
+    """The stages after training, in order (`run_one(stage)` -> its output), then
+    {stage: output}. Failed models of the training stage (when it ran: `outputs` has
+    "trials") and a stage's failed items do not stop the next stages, which run on what
+    finished; they are summed up at the end (`ItemsFailed`: one line each, exit status 1)."""
+    failures: dict[str, list[str]] = {}
     if "trials" in outputs:
         trials = store.read_table(schema.TRIALS)
         failed = trials[trials["status"] == schema.STATUS_FAILED]
@@ -300,12 +318,8 @@ def _run_stages(study, args, store, plan, stages, resources, options) -> dict:
             failures["train"] = [f"{m}: {r}" for m, r in zip(failed["model_id"], failed["reason"])]
     for stage in STAGES[1:]:
         if stage in stages:
-            from qgen_ray.pipeline import followups as stage_impl
-
             try:
-                outputs[stage] = stage_impl.run_stage(
-                    stage, store, args, study.stage_options.get(stage, {})
-                )
+                outputs[stage] = run_one(stage)
             except ItemsFailed as err:  # the next stages still run on what finished
                 failures.update(err.failures)
     if failures:

@@ -258,15 +258,38 @@ def _start(
     )
 
 
+PUBLISHED_CLASSES = 1000  # the head of the libraries' published ImageNet weights
+
+
+def check_teacher(model: str, weights: str | None, num_classes: int) -> None:
+    """Distillation's teacher is the FP32 model of the starting weights as they are, head
+    included: they must classify the study's `num_classes` classes (a head dropped for
+    another class count would be a random teacher). `weights`: the local file, or None for
+    the published weights."""
+    from qgen_ray.models import MODELS
+    from qgen_ray.models.weights import head_classes, read_weights_file, strip_prefixes
+
+    classes = PUBLISHED_CLASSES
+    if weights is not None:
+        classes = head_classes(strip_prefixes(read_weights_file(weights)), MODELS.get(model).head)
+    if classes != num_classes:
+        raise UserError(
+            f"--distill needs a teacher of these {num_classes} classes, but the starting "
+            f"weights of {model} have a {classes}-class head; pass --weights {model}=PATH of "
+            "an FP32 model fine-tuned on these classes, or drop --distill"
+        )
+
+
 def _teacher(
     spec: TrainSpec, options: FinetuneOptions, num_classes: int, device
 ) -> nn.Module | None:
-    """The frozen FP32 model of the student's starting weights (`spec.distill`), eval mode;
-    rebuilt from those weights on resume."""
+    """The frozen FP32 model of the student's starting weights (`spec.distill`), eval mode,
+    every weight from them (`check_teacher`); rebuilt from those weights on resume."""
     if not spec.distill:
         return None
     from dataclasses import replace
 
+    check_teacher(spec.model, options.weights, num_classes)
     fp32 = replace(spec, method="fp32", bits=32, distill=False)
     teacher = build_model(fp32, num_classes, 3, spec.image_size, weights=options.weights,
                           pretrained=options.pretrained_from_hub).to(device)  # fmt: skip

@@ -63,11 +63,11 @@ def no_decay_ids(spec: TrainSpec, model: nn.Module) -> set[int]:
     choice, as in most LSQ implementations) and, for timm's models (the ViT recipe), what
     timm exempts itself: norms, biases and the model's `no_weight_decay()` names such as
     `pos_embed` and `cls_token` (`timm.optim.param_groups_weight_decay`)."""
-    from qgen_ray.models import MODELS
+    from qgen_ray.models import model_library
     from qgen_ray.quant import quantizer_parameters
 
     skip = {id(p) for p in quantizer_parameters(model)}
-    library = MODELS.get(spec.model).library if spec.model in MODELS else None
+    library = model_library(spec.model)
     if library is not None and library[0] == "timm":
         from timm.optim import param_groups_weight_decay
 
