@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import sys
 
 import torch
+from common import hardware
 from scipy.stats import kendalltau
 
 from qgen_ray.errors import exit_on_user_error
@@ -52,17 +51,6 @@ def reference_overrides(directions: int) -> dict:
     """The precise search: fast protocol, K directions, full training set, ±0.005 band."""
     return dict(samples=directions, restarts=directions, max_images=None, first_chunk=None,
                 tolerance=0.005)  # fmt: skip
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def geomean(values: list[float]) -> float:
@@ -197,9 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     data = study_data(trials, args.data_root)
     device = torch.device(args.device)
     chosen = pick_models(trials, args.models)
-    print(f"cpu: {cpu_model()}; cores: {os.cpu_count()}; torch threads: "
-          f"{torch.get_num_threads()}")  # fmt: skip
-    print(f"torch {torch.__version__}; python {platform.python_version()}; device {device}")
+    print(f"{hardware(device)}; torch threads: {torch.get_num_threads()}; device {device}")
     print(f"study: {store.uri}; {len(chosen)} of {len(trials)} models; dataset "
           f"{data.name}, m = {data.train_x.shape[0]}; seeds per mode: {args.seeds}\n")  # fmt: skip
 

@@ -7,7 +7,11 @@ exit with status 2. Everything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from functools import wraps
 
@@ -70,13 +74,49 @@ class ItemsFailed(Exception):
         super().__init__("; ".join(parts) + "; a re-run retries them")
 
 
+INTERRUPT_GRACE_S = 20.0  # after Ctrl-C, how long the run may take to stop by itself
+_interrupt = {"at": None, "said": False}  # the first Ctrl-C's time; the line said once
+
+
+def _say_interrupted() -> None:
+    if not _interrupt["said"]:
+        _interrupt["said"] = True
+        print("interrupted: what finished is kept; re-run the same command to go on",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _end_now() -> None:
+    """End the process at once, status 130: every finished result is already written
+    whole (atomic writes), and Ray's local processes share the driver's fate."""
+    _say_interrupted()
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _end_if_still_running() -> None:
+    time.sleep(INTERRUPT_GRACE_S)
+    _end_now()
+
+
+def _on_ctrl_c(signum, frame) -> None:
+    """Ctrl-C raises KeyboardInterrupt, as Python's own handler does. A library may keep
+    it from reaching us (seen with Ray Tune on a loaded machine: the run went on), so the
+    run is ended INTERRUPT_GRACE_S later if it has not stopped, or at a second Ctrl-C."""
+    if _interrupt["at"] is not None:
+        _end_now()
+    _interrupt["at"] = time.time()
+    threading.Thread(target=_end_if_still_running, daemon=True).start()
+    raise KeyboardInterrupt
+
+
 def exit_on_user_error(fn: Callable) -> Callable:
     """Decorate a `main()`: a `UserError` becomes one line on stderr and exit status 2;
     `ItemsFailed` one line and status 1; Ctrl-C one line and status 130 (what finished
-    is kept: every result is written as it completes)."""
+    is kept: every result is written as it completes), within INTERRUPT_GRACE_S."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, _on_ctrl_c) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except UserError as err:
@@ -86,8 +126,10 @@ def exit_on_user_error(fn: Callable) -> Callable:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(EXIT_ITEMS_FAILED) from None
         except KeyboardInterrupt:
-            print("interrupted: what finished is kept; re-run the same command to go on",
-                  file=sys.stderr)  # fmt: skip
+            _say_interrupted()
             raise SystemExit(EXIT_INTERRUPTED) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     return wrapper

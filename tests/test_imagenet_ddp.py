@@ -136,6 +136,25 @@ def test_resources_split_and_pack_train_runs():
         DDPResources(workers=2, cpus_per_worker=1, gpus_per_worker=0.5)
 
 
+def test_only_a_lost_worker_runs_a_model_again():
+    """Train's `WorkerGroupError` as Ray builds it: a rank whose code raised holds that
+    exception (not run again: the same code raises again); a rank whose process died holds
+    Train's health-check error around the actor error (run again, from last.pt)."""
+    from ray.exceptions import ActorDiedError
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from qgen_ray.ray.ddp import worker_lost
+
+    died = WorkerHealthCheckFailedError("rank 1 died", ActorDiedError())
+    gloo = RuntimeError("Connection closed by peer")  # what the surviving rank sees
+    assert worker_lost(WorkerGroupError("lost", {0: gloo, 1: died}))
+    assert worker_lost(WorkerGroupError("lost", {1: ActorDiedError()}))
+    bug = ValueError("Expected more than 1 value per channel when training")
+    assert not worker_lost(WorkerGroupError("raised", {0: bug, 1: bug}))
+    assert not worker_lost(ValueError("no worker failures"))
+
+
 # -- the per-rank loop without Ray ------------------------------------------------------------
 @pytest.fixture
 def process_group(tmp_path):

@@ -5,12 +5,14 @@ These start Ray (~15-30 s each on 2 cores), so they are marked slow; `make test`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -128,6 +130,15 @@ main(Study(name="resume", dataset="digits", model="nin",
 """
 
 
+def _alive(name: str) -> bool:
+    """Whether a process whose command line holds `name` runs (Ray names its workers)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if name.encode() in cmdline.read_bytes():
+                return True
+    return False
+
+
 def test_killed_study_resumes_without_retraining(tmp_path):
     script = tmp_path / "resume_study.py"
     script.write_text(textwrap.dedent(RESUME_SCRIPT.format(epochs=40)))
@@ -157,7 +168,11 @@ def test_killed_study_resumes_without_retraining(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     # Ray's worker processes live in their own sessions: one may finish its epoch before
-    # it notices its raylet is gone. Read the store once nothing has changed for 2 s.
+    # it notices its raylet is gone. Read the store once they are gone (at most 60 s) and
+    # nothing has changed for 2 s.
+    gone_by = time.time() + 60
+    while _alive("ray::ImplicitFunc") and time.time() < gone_by:
+        time.sleep(0.5)
     resumable, seen = None, {}
     while resumable != seen:
         seen = resumable

@@ -48,6 +48,24 @@ def test_a_missing_tracker_package_names_its_extra(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_wandb_logs_at_the_epoch_not_the_report_count(tmp_path, monkeypatch):
+    """Ray's W&B actor logs at `training_iteration` (the count of a trial's reports); ours
+    puts the epoch there, so a pack's K reports an epoch, and a resumed model's, land at
+    the epoch."""
+    import inspect
+    from queue import Queue
+
+    from ray.air.integrations.wandb import _WandbLoggingActor
+
+    assert "step=log.get(TRAINING_ITERATION)" in inspect.getsource(_WandbLoggingActor.run)
+    monkeypatch.chdir(tmp_path)  # the actor changes into its log folder
+    actor = tracking.epoch_step_wandb_actor()(str(tmp_path), Queue(), ["done"], [])
+    result = {"training_iteration": 1, "timesteps_total": 7, "epoch": 7, "train_loss": 0.5}
+    log, _ = actor._handle_result(result)
+    assert log["training_iteration"] == 7 and log["train_loss"] == 0.5
+    assert tracking.callbacks(("wandb",), "s")[0]._logger_actor_cls is type(actor)
+
+
 @pytest.mark.slow
 def test_mlflow_and_wandb_log_every_model_at_its_epochs(tmp_path):
     """The demo smoke (4 models x 2 epochs) with both trackers: one MLflow run and one W&B

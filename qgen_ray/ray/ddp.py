@@ -8,10 +8,12 @@ Train runs share the cluster: Tune starts as many as its free CPUs / GPUs hold.
 
 Resume lives in the study store, not in Ray: a Train run resumes from the model's
 `last.pt`. Every attempt gets a fresh Train run name, because re-running a Train run
-under the same `RunConfig(name)` silently resumes Ray's own state instead. Worker deaths
-are retried by Train (`MAX_FAILURES`, each retry resumes from `last.pt`); a run that still
-fails is recorded as `failed` (a re-run of the study retries it) and its trial ends as
-ERROR in Tune's results.
+under the same `RunConfig(name)` silently resumes Ray's own state instead. A run whose
+worker was lost (its process or node died) is run again, up to `MAX_FAILURES` times, each
+resuming from `last.pt`; preempted nodes are Train's own retries (`max_preemption_failures`).
+A run whose code raised is not retrained (Train would retry it as any worker error): it
+is recorded as `failed` (a re-run of the study retries it) and its trial ends as ERROR in
+Tune's results.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import ray
 import ray.train
 import torch
 from ray import tune
+from ray.exceptions import RayActorError
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.exceptions import RayTrainError  # Train's own worker errors
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from qgen_ray import schema
@@ -32,6 +36,7 @@ from qgen_ray.errors import UserError
 from qgen_ray.ray.tune_study import (
     MAX_FAILURES,
     ProgressLine,
+    epoch_step,
     failed_result,
     run_config,
     tune_storage,
@@ -90,12 +95,40 @@ def worker_loop(config: dict) -> None:
     options = FinetuneOptions(**config["options"])
     use_gpu = config["resources"]["gpus_per_worker"] > 0
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
-    finetune(spec, options, device, report=ray.train.report)
+    finetune(spec, options, device, report=lambda m: ray.train.report(epoch_step(m)))
+
+
+def worker_lost(err: BaseException) -> bool:
+    """Whether a Train run failed because a worker's process or node died (run it again),
+    not because the code raised (do not). Ray Train's `WorkerGroupError` holds each failed
+    rank's exception: the code's own exception for an error, Train's health-check error (or
+    the actor error) for a lost worker. The other ranks then fail with collective errors of
+    their own, so one lost worker decides."""
+    failures = getattr(err, "worker_failures", None) or {}
+    return any(isinstance(e, (RayActorError, RayTrainError)) for e in failures.values())
 
 
 def finetune_trial(config: dict) -> None:
-    """Tune function trial: fit one TorchTrainer for one model; record a failure."""
+    """Tune function trial: fit one TorchTrainer for one model, again when a worker was
+    lost (`worker_lost`, at most `MAX_FAILURES` times); record a failure."""
     config = config["trial"]
+    for attempt in range(MAX_FAILURES + 1):
+        try:
+            return _fit(config)
+        except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
+            if attempt < MAX_FAILURES and worker_lost(err):
+                continue  # a fresh Train run resumes from last.pt
+            trial = StudyStore(config["options"]["store"]).trial(config["model_id"])
+            if trial.has_result() and trial.read_result()["status"] != schema.STATUS_FAILED:
+                return  # rank 0 finished and wrote the row; the error came after it
+            result = failed_result(TrainSpec.from_dict(config["spec"]), err)
+            result.update(config["options"]["extra"])
+            trial.write_result(result)
+            raise  # ERROR in Tune's results, with the error
+
+
+def _fit(config: dict) -> None:
+    """One Train run of one model (a fresh run name each attempt)."""
     spec = TrainSpec.from_dict(config["spec"])
     resources = DDPResources(**config["resources"])
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -111,20 +144,13 @@ def finetune_trial(config: dict) -> None:
         run_config=ray.train.RunConfig(
             name=f"{spec.model_id}-{stamp}-{time.time_ns() % 10**6:06d}",
             storage_path=config["train_storage"],
-            failure_config=ray.train.FailureConfig(max_failures=MAX_FAILURES),
+            # no retry of a worker error inside Train (code errors are worker errors too):
+            # finetune_trial runs again when a worker was lost
+            failure_config=ray.train.FailureConfig(max_failures=0),
             callbacks=[TuneReportCallback()],
         ),
     )
-    try:
-        trainer.fit()
-    except Exception as err:  # noqa: BLE001 - recorded in the table, retried on re-run
-        trial = StudyStore(config["options"]["store"]).trial(spec.model_id)
-        if trial.has_result() and trial.read_result()["status"] != schema.STATUS_FAILED:
-            return  # rank 0 finished and wrote the row; the error came after it
-        result = failed_result(spec, err)
-        result.update(config["options"]["extra"])
-        trial.write_result(result)
-        raise  # ERROR in Tune's results, with the error
+    trainer.fit()
 
 
 def run_finetune(

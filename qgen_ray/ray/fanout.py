@@ -25,6 +25,7 @@ from qgen_ray.store import StudyStore
 ACTOR_RETRIES = 3  # an item whose worker died is handed to another this many times
 FLUSH_S = 5.0  # seconds between table writes while results arrive
 POLL_S = 1.0  # seconds between looks at the cluster for room for another worker
+ASK_AGAIN_S = 30.0  # seconds after which the autoscaler is asked again (another job may ask)
 
 
 @ray.remote
@@ -88,16 +89,17 @@ class ElasticPool:
         self.busy: dict = {}  # run() ref -> (worker, item)
         self.start = time.time()
         self.sizes: list[tuple[float, int]] = []
-        self.asked = -1  # workers last asked of the autoscaler
+        self.asked = (-1, 0.0)  # (workers, when) last asked of the autoscaler
 
     def _ask(self, workers: int) -> None:
-        """Ask the autoscaler for `workers` workers' resources (only when that changes:
-        each request is a call to the GCS)."""
-        if workers == self.asked:
+        """Ask the autoscaler for `workers` workers' resources when that changes, and
+        again every ASK_AGAIN_S: the request is one for the whole cluster, which another
+        job's request (or its end) replaces."""
+        if workers == self.asked[0] and time.time() - self.asked[1] < ASK_AGAIN_S:
             return
         bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
         request_resources(bundles=[bundle] * workers)
-        self.asked = workers
+        self.asked = (workers, time.time())
 
     def _grow(self, wanted: int) -> None:
         claimed = {"CPU": self.cpus * len(self.starting), "GPU": self.gpus * len(self.starting)}
@@ -201,8 +203,9 @@ def fan_out(
         buffer, last_flush = [], time.time()
 
     bar = tqdm(total=len(items), desc=label or job, unit="item", mininterval=2.0)
+    results = pool.run(items)
     try:
-        for item, rows, error in pool.run(items):
+        for item, rows, error in results:
             if error:
                 errors.append(f"{item}: {error}")
             buffer.extend(rows)
@@ -210,6 +213,7 @@ def fan_out(
             if time.time() - last_flush > FLUSH_S:
                 flush()
     finally:
+        results.close()  # the workers go and the request is withdrawn now, not at gc
         flush()  # whatever finished is kept, also on Ctrl-C
         bar.close()
     if table and result is None:

@@ -3,8 +3,9 @@
 
 Both are optional extras (`pip install -e '.[mlflow]'`, `'.[wandb]'`), checked before
 anything is written. Every model's curves are logged with its epoch as the step (the
-trials report `timesteps_total = epoch`, which Tune's TensorBoard, MLflow and W&B
-callbacks all take as the step), so a resumed model continues its curve.
+trials report `timesteps_total = epoch`, which Tune's TensorBoard and MLflow callbacks
+take as the step; Ray's W&B logger logs at `training_iteration`, the count of reports, so
+ours logs at the epoch: `EpochStepWandbActor`), so a resumed model continues its curve.
 
 - MLflow: one experiment per study, one run per Tune trial, at MLflow's tracking URI
   (`MLFLOW_TRACKING_URI`; MLflow's own default is `mlflow.db` in the driver's working
@@ -16,6 +17,7 @@ callbacks all take as the step), so a resumed model continues its curve.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import netrc
 import os
@@ -63,11 +65,9 @@ def callbacks(names: tuple[str, ...], study: str) -> list:
 
         out.append(MLflowLoggerCallback(experiment_name=study, tags={"study": study}))
     if "wandb" in names:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
         mode = os.environ.get("WANDB_MODE")
         out.append(
-            WandbLoggerCallback(
+            _epoch_step_wandb()(
                 project=study,
                 dir=os.environ.get("WANDB_DIR", os.getcwd()),  # the logging actor's cwd is Ray's
                 **({"mode": mode} if mode else {}),
@@ -76,4 +76,32 @@ def callbacks(names: tuple[str, ...], study: str) -> list:
     return out
 
 
-__all__ = ["TRACKERS", "callbacks", "parse"]
+@functools.cache
+def epoch_step_wandb_actor():
+    """Ray's W&B logging actor, logging each result at its epoch (`timesteps_total`)
+    rather than at `training_iteration`: a pack reports K times an epoch, and a model
+    resumed by a re-run or a retried trial starts its reports at 1 again."""
+    from ray.air.integrations.wandb import _WandbLoggingActor
+    from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
+
+    class EpochStepWandbActor(_WandbLoggingActor):
+        def _handle_result(self, result: dict) -> tuple[dict, dict]:
+            log, config_update = super()._handle_result(result)
+            if TIMESTEPS_TOTAL in log:  # the step W&B logs at (Ray reads it from here)
+                log[TRAINING_ITERATION] = log[TIMESTEPS_TOTAL]
+            return log, config_update
+
+    return EpochStepWandbActor
+
+
+@functools.cache
+def _epoch_step_wandb():
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    class EpochStepWandb(WandbLoggerCallback):
+        _logger_actor_cls = epoch_step_wandb_actor()
+
+    return EpochStepWandb
+
+
+__all__ = ["TRACKERS", "callbacks", "epoch_step_wandb_actor", "parse"]

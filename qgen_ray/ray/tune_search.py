@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ray import tune
+from ray.tune.result import TIMESTEPS_TOTAL
 
 from qgen_ray import schema
 from qgen_ray.data.base import ImageData
@@ -202,7 +203,7 @@ def run_search(
                             study_name=study.name, storage=storage)  # fmt: skip
     scheduler = (
         ASHAScheduler(
-            time_attr="training_iteration",
+            time_attr=TIMESTEPS_TOTAL,  # the epoch (a resumed trial's too), not the report count
             metric="val_loss",
             mode="min",
             max_t=study.spec(study.sample_first()).epochs,

@@ -55,10 +55,15 @@ class ModelFailed(RuntimeError):
     """Tune's retry of a trial whose code raised in this run: the recorded reason."""
 
 
+def epoch_step(metrics: dict) -> dict:
+    """An epoch's metrics with the epoch as the step trackers plot at (`timesteps_total`:
+    a resumed model's first report is its next epoch, not step 1)."""
+    return {**metrics, TIMESTEPS_TOTAL: metrics["epoch"]}
+
+
 def report_epoch(metrics: dict) -> None:
-    """One epoch to Tune, its epoch as the step trackers plot at (a resumed model's
-    first report is its next epoch, not step 1)."""
-    tune.report({**metrics, TIMESTEPS_TOTAL: metrics["epoch"]})
+    """One epoch to Tune, at its epoch step (`epoch_step`)."""
+    tune.report(epoch_step(metrics))
 
 
 def _report_member(metrics: dict) -> None:

@@ -307,8 +307,9 @@ class FakeCluster:
     def kill_node_running(self, title: str) -> str | None:
         """SIGKILL the raylet of a worker node (not the head) on which a process titled
         `title` (e.g. "ray::FanOutWorker.run", a busy measure worker) runs, as a reclaimed
-        spot node goes: its workers die with it. Returns the node id, None if no such
-        process runs on a worker node now."""
+        spot node goes: its workers die with it (they are killed too: a worker whose raylet
+        is gone could otherwise finish its task first). Returns the node id, None if no
+        such process runs on a worker node now."""
         table = _proc_table()
         head = self.head_node_id()
         for ppid, cmd in table.values():
@@ -317,6 +318,9 @@ class FakeCluster:
                 continue
             node = re.search(r"--node_id=(\w+)", raylet)
             if node and node.group(1) != head:
+                for pid in [pid for pid, (parent, _) in table.items() if parent == ppid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 os.kill(ppid, signal.SIGKILL)
                 return node.group(1)
         return None
