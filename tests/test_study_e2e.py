@@ -199,8 +199,12 @@ def test_killed_study_resumes_without_retraining(tmp_path):
         (events,) = (rerun / mid).glob("events.out.tfevents*")
         tb = EventAccumulator(str(events))
         tb.Reload()
+        expected = list(range(resumable.get(mid, 0) + 1, 41))
+        if not expected:  # an orphaned worker wrote its last epoch: nothing left to train
+            assert "ray/tune/train_loss" not in tb.Tags()["scalars"], mid
+            continue
         steps = [e.step for e in tb.Scalars("ray/tune/train_loss")]
-        assert steps == list(range(resumable.get(mid, 0) + 1, 41)), mid
+        assert steps == expected, mid
 
 
 def _unfinished_epochs(study) -> dict[str, int]:
